@@ -1,0 +1,90 @@
+"""The two-pass sharpness-aware train step on PyTorch (backward())."""
+
+import keras
+import torch
+
+from keras_sam import optimizers as sam_optimizers
+
+
+def _loss_and_grads(model, x, y, sample_weight, variables):
+    """One forward/backward pass at the current weights, training=True."""
+    model.zero_grad()
+    y_pred = model(x, training=True)
+    loss = model.compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+    model.optimizer.scale_loss(loss).backward()
+    grads = [v.value.grad for v in variables]
+    model.zero_grad()
+    return loss, y_pred, grads
+
+
+def _snapshot(variables):
+    return [v.value.detach().clone() for v in variables]
+
+
+def _assign(variables, values):
+    for v, value in zip(variables, values):
+        if value is not None:
+            v.assign(value)
+
+
+def _batch_size(x):
+    return next(t for t in keras.tree.flatten(x) if t is not None).shape[0]
+
+
+def train_step(model, data):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    sam = model.sam_optimizer
+    if sam is None:
+        raise ValueError(
+            "SAMModel must be compiled before training. Call "
+            "`model.compile(optimizer=..., loss=...)` first."
+        )
+    variables = model.trainable_variables
+    states = model.non_trainable_variables
+
+    with sam.sharpness_aware_step():
+        states_before = _snapshot(states)
+        # Clean pass: metrics and BatchNorm statistics come from here only.
+        loss, y_pred, grads = _loss_and_grads(
+            model, x, y, sample_weight, variables
+        )
+        model.loss_metric().update_state(
+            loss.detach(), sample_weight=_batch_size(x)
+        )
+
+        with torch.no_grad():
+            perturb = sam.sam_every == 1 or bool(sam.should_perturb())
+        if perturb:
+            with torch.no_grad():
+                states_after = _snapshot(states)
+                w = _snapshot(variables)
+                unscaled = sam_optimizers.unscale_gradients(
+                    model.optimizer, grads
+                )
+                w_adv = sam.perturbed_values(unscaled, variables, w)
+            try:
+                # Ascend to w + eps; rerun with the clean pass's random state
+                # so that dropout draws the same masks.
+                with torch.no_grad():
+                    _assign(variables, w_adv)
+                    _assign(states, states_before)
+                _, _, grads = _loss_and_grads(
+                    model, x, y, sample_weight, variables
+                )
+            finally:
+                # Restore w and the clean pass's BatchNorm statistics, even
+                # if the adversarial pass raised.
+                with torch.no_grad():
+                    _assign(variables, w)
+                    _assign(states, states_after)
+            with torch.no_grad():
+                grads = sam.pull_back(grads, variables, w)
+
+        with torch.no_grad():
+            model.optimizer.apply(grads, variables)
+
+    logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    logs["rho"] = sam.rho.value.detach().clone()
+    return logs
