@@ -281,6 +281,27 @@ class SAM(keras.optimizers.Optimizer):
             for g, v, w in zip(grads, trainable_variables, values)
         ]
 
+    # ---- hooks into the step (stateful variants: LETS, Fisher metric) ----
+    #
+    # The backends call these inside the step, in this order, with unscaled
+    # gradients. They may `assign` the optimizer's own variables (a JAX step
+    # runs them in a StatelessScope over its state and keeps the new values).
+
+    def auxiliary_batches(self):
+        """Extra `(x, y, sample_weight)` batches to differentiate at w.
+
+        The step computes each one's loss and gradient at the clean weights
+        in inference mode (`training=False`, no state updates) and hands
+        them to `on_clean_pass`. Defaults to none.
+        """
+        return []
+
+    def on_clean_pass(self, loss, grads, trainable_variables, auxiliary):
+        """After the clean pass: `auxiliary` is a list of `(loss, grads)`."""
+
+    def on_adversarial_pass(self, grads, grads_adv, trainable_variables):
+        """After the adversarial pass, before the update (SAM steps only)."""
+
     # ---- the three hooks that tell the variants apart ----
 
     def _metric(self, variable, value, grad):

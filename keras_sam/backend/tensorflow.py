@@ -6,14 +6,22 @@ import tensorflow as tf
 from keras_sam import optimizers as sam_optimizers
 
 
-def _loss_and_grads(model, x, y, sample_weight, variables):
-    """One forward/backward pass at the current weights, training=True."""
+def _loss_and_grads(model, x, y, sample_weight, variables, training=True):
+    """One forward/backward pass at the current weights.
+
+    With `training=True` the loss is scaled for the gradient (mixed
+    precision); the returned loss is unscaled either way.
+    """
     with tf.GradientTape() as tape:
-        y_pred = model(x, training=True)
+        y_pred = model(x, training=training)
         loss = model.compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=training,
         )
-        scaled_loss = model.optimizer.scale_loss(loss)
+        scaled_loss = model.optimizer.scale_loss(loss) if training else loss
     return loss, y_pred, tape.gradient(scaled_loss, variables)
 
 
@@ -30,6 +38,17 @@ def _assign(variables, values):
 def _batch_size(x):
     first = next(t for t in tf.nest.flatten(x) if t is not None)
     return tf.shape(first)[0]
+
+
+def _auxiliary(model, sam, variables):
+    """Loss and gradient of the optimizer's auxiliary batches at w."""
+    results = []
+    for ax, ay, aw in sam.auxiliary_batches():
+        loss, _, grads = _loss_and_grads(
+            model, ax, ay, aw, variables, training=False
+        )
+        results.append((loss, grads))
+    return results
 
 
 def train_step(model, data):
@@ -53,13 +72,16 @@ def train_step(model, data):
         model.loss_metric().update_state(
             loss * replicas, sample_weight=_batch_size(x)
         )
+        unscaled = sam_optimizers.unscale_gradients(model.optimizer, grads)
+        sam.on_clean_pass(
+            loss, unscaled, variables, _auxiliary(model, sam, variables)
+        )
 
         present = [i for i, g in enumerate(grads) if g is not None]
 
         def adversarial_grads():
             states_after = _snapshot(states)
             w = _snapshot(variables)
-            unscaled = sam_optimizers.unscale_gradients(model.optimizer, grads)
             # Ascend to w + eps; rerun with the clean pass's random state so
             # that dropout draws the same masks.
             _assign(variables, sam.perturbed_values(unscaled, variables, w))
@@ -69,6 +91,11 @@ def train_step(model, data):
             _assign(variables, w)
             _assign(states, states_after)
             g_adv = sam.pull_back(g_adv, variables, w)
+            sam.on_adversarial_pass(
+                unscaled,
+                sam_optimizers.unscale_gradients(model.optimizer, g_adv),
+                variables,
+            )
             return [g_adv[i] for i in present]
 
         if sam.sam_every == 1:

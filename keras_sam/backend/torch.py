@@ -6,17 +6,22 @@ import torch
 from keras_sam import optimizers as sam_optimizers
 
 
-def _loss_and_grads(model, x, y, sample_weight, variables):
-    """One forward/backward pass at the current weights, training=True."""
+def _loss_and_grads(model, x, y, sample_weight, variables, training=True):
+    """One forward/backward pass at the current weights.
+
+    With `training=True` the loss is scaled for the gradient (mixed
+    precision); the returned loss is unscaled either way.
+    """
     model.zero_grad()
-    y_pred = model(x, training=True)
+    y_pred = model(x, training=training)
     loss = model.compute_loss(
-        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
     )
-    model.optimizer.scale_loss(loss).backward()
+    scaled_loss = model.optimizer.scale_loss(loss) if training else loss
+    scaled_loss.backward()
     grads = [v.value.grad for v in variables]
     model.zero_grad()
-    return loss, y_pred, grads
+    return loss.detach(), y_pred, grads
 
 
 def _snapshot(variables):
@@ -31,6 +36,17 @@ def _assign(variables, values):
 
 def _batch_size(x):
     return next(t for t in keras.tree.flatten(x) if t is not None).shape[0]
+
+
+def _auxiliary(model, sam, variables):
+    """Loss and gradient of the optimizer's auxiliary batches at w."""
+    results = []
+    for ax, ay, aw in sam.auxiliary_batches():
+        loss, _, grads = _loss_and_grads(
+            model, ax, ay, aw, variables, training=False
+        )
+        results.append((loss, grads))
+    return results
 
 
 def train_step(model, data):
@@ -50,19 +66,16 @@ def train_step(model, data):
         loss, y_pred, grads = _loss_and_grads(
             model, x, y, sample_weight, variables
         )
-        model.loss_metric().update_state(
-            loss.detach(), sample_weight=_batch_size(x)
-        )
-
+        model.loss_metric().update_state(loss, sample_weight=_batch_size(x))
+        auxiliary = _auxiliary(model, sam, variables)
         with torch.no_grad():
+            unscaled = sam_optimizers.unscale_gradients(model.optimizer, grads)
+            sam.on_clean_pass(loss, unscaled, variables, auxiliary)
             perturb = sam.sam_every == 1 or bool(sam.should_perturb())
         if perturb:
             with torch.no_grad():
                 states_after = _snapshot(states)
                 w = _snapshot(variables)
-                unscaled = sam_optimizers.unscale_gradients(
-                    model.optimizer, grads
-                )
                 w_adv = sam.perturbed_values(unscaled, variables, w)
             try:
                 # Ascend to w + eps; rerun with the clean pass's random state
@@ -81,6 +94,11 @@ def train_step(model, data):
                     _assign(states, states_after)
             with torch.no_grad():
                 grads = sam.pull_back(grads, variables, w)
+                sam.on_adversarial_pass(
+                    unscaled,
+                    sam_optimizers.unscale_gradients(model.optimizer, grads),
+                    variables,
+                )
 
         with torch.no_grad():
             model.optimizer.apply(grads, variables)

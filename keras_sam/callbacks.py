@@ -1,0 +1,1 @@
+"""Keras callbacks of keras_sam; they report through `logs`."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: seeds, execution modes, the current backend."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+# Execution modes of `compile`: eager, graph (traced, no XLA) and XLA jit.
+# On torch, "graph" is Keras' default non-eager loop and "jit" is
+# torch.compile, which Keras runs through dynamo.
+MODES = {
+    "eager": {"run_eagerly": True, "jit_compile": False},
+    "graph": {"run_eagerly": False, "jit_compile": False},
+    "jit": {"run_eagerly": False, "jit_compile": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1234)
+    np.random.seed(1234)
+    yield
+    keras.backend.clear_session()
+
+
+@pytest.fixture(params=list(MODES))
+def mode(request):
+    """Keyword arguments for `compile` selecting the execution mode."""
+    if BACKEND == "torch" and request.param == "jit":
+        pytest.skip("torch.compile is not a supported mode on CPU here")
+    return dict(MODES[request.param])
+
+
+def backend_name():
+    return BACKEND
