@@ -302,6 +302,10 @@ class SAM(keras.optimizers.Optimizer):
     def on_adversarial_pass(self, grads, grads_adv, trainable_variables):
         """After the adversarial pass, before the update (SAM steps only)."""
 
+    def log_values(self):
+        """Scalars the step writes into `logs` (read after the update)."""
+        return {"rho": self.rho}
+
     # ---- the three hooks that tell the variants apart ----
 
     def _metric(self, variable, value, grad):

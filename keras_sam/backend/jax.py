@@ -134,10 +134,15 @@ def train_step(model, state, data):
     metrics_values = [
         scope.get_current_value(v) for v in model.metrics_variables
     ]
-    rho, _ = _run_stateless(
-        optimizer, optimizer_values, lambda: sam.rho.value
+    extra_logs, _ = _run_stateless(
+        optimizer,
+        optimizer_values,
+        lambda: {
+            key: keras.ops.convert_to_tensor(value)
+            for key, value in sam.log_values().items()
+        },
     )
-    logs["rho"] = rho
+    logs.update(extra_logs)
     state = (
         trainable_values,
         new_non_trainable_values,

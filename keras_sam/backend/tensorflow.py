@@ -112,5 +112,6 @@ def train_step(model, data):
         model.optimizer.apply(final, variables)
 
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-    logs["rho"] = tf.identity(sam.rho.value)
+    for key, value in sam.log_values().items():
+        logs[key] = tf.identity(value)
     return logs

@@ -104,5 +104,7 @@ def train_step(model, data):
             model.optimizer.apply(grads, variables)
 
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-    logs["rho"] = sam.rho.value.detach().clone()
+    with torch.no_grad():
+        for key, value in sam.log_values().items():
+            logs[key] = keras.ops.convert_to_tensor(value).detach().clone()
     return logs
