@@ -86,10 +86,15 @@ def train_step(model, data):
             # that dropout draws the same masks.
             _assign(variables, sam.perturbed_values(unscaled, variables, w))
             _assign(states, states_before)
-            _, _, g_adv = _loss_and_grads(model, x, y, sample_weight, variables)
-            # Restore w and the clean pass's BatchNorm statistics.
-            _assign(variables, w)
-            _assign(states, states_after)
+            try:
+                _, _, g_adv = _loss_and_grads(
+                    model, x, y, sample_weight, variables
+                )
+            finally:
+                # Restore w and the clean pass's BatchNorm statistics (also
+                # when an eager adversarial pass raises).
+                _assign(variables, w)
+                _assign(states, states_after)
             g_adv = sam.pull_back(g_adv, variables, w)
             sam.on_adversarial_pass(
                 unscaled,
