@@ -70,11 +70,6 @@ class SAMModel(keras.Model):
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
-    def build(self, input_shape=None):
-        if not self.model.built:
-            self.model.build(input_shape)
-        self.built = True
-
     @property
     def output_names(self):
         return getattr(self.model, "output_names", None)
