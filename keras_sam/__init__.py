@@ -1,5 +1,6 @@
 """keras-sam: sharpness-aware training for Keras 3."""
 
+from keras_sam import manifolds
 from keras_sam import optimizers
 from keras_sam.sam_model import SAMModel
 

@@ -70,6 +70,14 @@ class SAMModel(keras.Model):
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
+    def export(self, filepath, *args, **kwargs):
+        """Exports the wrapped model for serving (see `keras.Model.export`).
+
+        The wrapper only changes training, so the artifact is the wrapped
+        model's: its serving output equals `predict`.
+        """
+        return self.model.export(filepath, *args, **kwargs)
+
     @property
     def output_names(self):
         return getattr(self.model, "output_names", None)
@@ -103,6 +111,14 @@ class SAMModel(keras.Model):
                 f"{sam.__class__.__name__}(rho={sam.initial_rho})"
             )
         super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        # `compile` is overridden, so Keras leaves restoring it to us.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            # Create the optimizer variables so the saved state loads.
+            self.optimizer.build(self.trainable_variables)
 
     def train_step(self, *args):
         # TensorFlow and torch call train_step(data); JAX train_step(state,

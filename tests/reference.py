@@ -94,3 +94,123 @@ def train_sam(
             )
         params, velocity = sgd_step(params, g, velocity, lr, momentum)
     return params
+
+
+# ---------------------------------------------------------------------------
+# RSAM (DESIGN section 2): manifolds, metrics and one Riemannian SAM step.
+# A kernel on Stiefel is the matrix of shape (fan_in, units) = (prod of all
+# axes but the last, last axis); the sphere is over the whole variable.
+
+
+def _as_matrix(w):
+    return w.reshape(-1, w.shape[-1])
+
+
+def qf(a):
+    """Q of a thin QR with the diagonal of R made positive."""
+    q, r = np.linalg.qr(a)
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+def stiefel_project(u, v):
+    """P_U(V) = V - U sym(U^T V)."""
+    um, vm = _as_matrix(u), _as_matrix(v)
+    utv = um.T @ vm
+    return (vm - um @ (0.5 * (utv + utv.T))).reshape(v.shape)
+
+
+def stiefel_retract(u, step):
+    """R_U(u) = qf(U + u)."""
+    return qf(_as_matrix(u + step)).reshape(u.shape)
+
+
+def sphere_project(w, v):
+    """P_w(v) = v - (w.v / |w|^2) w."""
+    return v - (np.sum(w * v) / np.sum(w * w)) * w
+
+
+def sphere_retract(w, u):
+    """R_w(u) = |w| (w + u) / |w + u|."""
+    return np.linalg.norm(w) * (w + u) / np.linalg.norm(w + u)
+
+
+RSAM_PROJECT = {
+    "euclidean": lambda w, v: v,
+    "sphere": sphere_project,
+    "stiefel": stiefel_project,
+}
+RSAM_RETRACT = {
+    "euclidean": lambda w, u: w + u,
+    "sphere": sphere_retract,
+    "stiefel": stiefel_retract,
+}
+
+
+def rsam_metric(params, grads, metric, weight_like, eta, fisher, damping):
+    """Diagonal metric D per variable: 1, T^-2 (adaptive) or EMA(g^2)+damping.
+
+    `fisher` is `(ema, weight)` with the debiased EMA `ema / weight`.
+    """
+    if metric == "identity":
+        return [np.ones_like(w) for w in params]
+    if metric == "adaptive":
+        return [
+            (np.abs(w) + eta) ** -2.0 if wl else np.ones_like(w)
+            for w, wl in zip(params, weight_like)
+        ]
+    ema, weight = fisher
+    return [f / weight + damping for f in ema]
+
+
+def fisher_update(fisher, grads, decay):
+    """EMA of g^2 and its total weight 1 - decay^t (start: zeros, 0)."""
+    ema, weight = fisher
+    ema = [decay * f + (1 - decay) * g**2 for f, g in zip(ema, grads)]
+    return ema, decay * weight + (1 - decay)
+
+
+def rsam_eps(params, grads, manifolds, rho, d):
+    """eps = rho xi / (||xi||_D + 1e-12), xi = P_w(D^-1 g)."""
+    xi = [
+        RSAM_PROJECT[m](w, g / dd)
+        for w, g, dd, m in zip(params, grads, d, manifolds)
+    ]
+    norm = np.sqrt(sum(np.sum(x * dd * x) for x, dd in zip(xi, d)))
+    return [rho * x / (norm + EPS) for x in xi]
+
+
+def train_rsam(
+    params,
+    batches,
+    loss_and_grads,
+    manifolds,
+    rho,
+    lr,
+    metric="identity",
+    eta=0.01,
+    weight_like=None,
+    damping=1e-3,
+    decay=0.95,
+):
+    """RSAM with plain SGD over `batches`; returns the final parameters.
+
+    Per step: g at w; eps in the tangent space at w; g_adv at R_w(eps),
+    projected onto the tangent space at w; w = R_w(-lr P_w(g_adv)).
+    """
+    params = [np.array(p, dtype=np.float64) for p in params]
+    fisher = ([np.zeros_like(p) for p in params], 0.0)
+    for x, y in batches:
+        _, g = loss_and_grads(params, x, y)
+        if metric == "fisher":
+            fisher = fisher_update(fisher, g, decay)
+        d = rsam_metric(params, g, metric, weight_like, eta, fisher, damping)
+        eps = rsam_eps(params, g, manifolds, rho, d)
+        w_adv = [
+            RSAM_RETRACT[m](w, e) for w, e, m in zip(params, eps, manifolds)
+        ]
+        _, g_adv = loss_and_grads(w_adv, x, y)
+        params = [
+            RSAM_RETRACT[m](w, -lr * RSAM_PROJECT[m](w, ga))
+            for w, ga, m in zip(params, g_adv, manifolds)
+        ]
+    return params
