@@ -68,6 +68,25 @@ def _check_positive_int(name, value):
     return int(value)
 
 
+def _check_splits(sync_perturbation, num_batch_splits):
+    if not isinstance(sync_perturbation, bool):
+        raise TypeError(
+            "`sync_perturbation` must be a boolean. Received: "
+            f"sync_perturbation={sync_perturbation!r}"
+        )
+    num_batch_splits = _check_positive_int(
+        "num_batch_splits", num_batch_splits
+    )
+    if sync_perturbation and num_batch_splits > 1:
+        raise ValueError(
+            "`sync_perturbation=True` perturbs with the gradient of the "
+            "whole global batch and cannot be combined with "
+            "`num_batch_splits` > 1. Received: sync_perturbation=True, "
+            f"num_batch_splits={num_batch_splits}"
+        )
+    return sync_perturbation, num_batch_splits
+
+
 def _get_inner(optimizer):
     if isinstance(optimizer, SAM):
         raise TypeError(
@@ -132,6 +151,17 @@ class SAM(keras.optimizers.Optimizer):
         sam_every: Integer >= 1. Run the two-pass step on every
             `sam_every`-th step and a plain step (one pass) otherwise.
             Defaults to `1`.
+        sync_perturbation: Boolean. On several devices
+            (`tf.distribute`, `keras.distribution`), each replica perturbs
+            with the gradient of its own part of the batch by default
+            (m-sharpness with m the per-replica batch). `True` averages `g`
+            over all replicas before the norm, so every replica uses the
+            perturbation of the global batch. Defaults to `False`.
+        num_batch_splits: Integer >= 1. Split each (per-replica) batch into
+            this many sub-batches, perturb each with its own gradient and
+            average their adversarial gradients (m-sharpness on one device).
+            Cannot be combined with `sync_perturbation=True`.
+            Defaults to `1`.
         name: String, the name of the optimizer. Defaults to `"sam"`.
 
     Example:
@@ -146,11 +176,22 @@ class SAM(keras.optimizers.Optimizer):
           Generalization, ICLR 2021.
     """
 
-    def __init__(self, optimizer="sgd", rho=0.05, sam_every=1, name=None):
+    def __init__(
+        self,
+        optimizer="sgd",
+        rho=0.05,
+        sam_every=1,
+        name=None,
+        sync_perturbation=False,
+        num_batch_splits=1,
+    ):
         super().__init__(learning_rate=0.0, name=name or self._default_name())
         self.inner_optimizer = _get_inner(optimizer)
         self.initial_rho = _check_rho(rho)
         self.sam_every = _check_positive_int("sam_every", sam_every)
+        self.sync_perturbation, self.num_batch_splits = _check_splits(
+            sync_perturbation, num_batch_splits
+        )
         self._in_step = False
         self.rho = self.add_variable(
             shape=(),
@@ -335,6 +376,8 @@ class SAM(keras.optimizers.Optimizer):
             ),
             "rho": self.initial_rho,
             "sam_every": self.sam_every,
+            "sync_perturbation": self.sync_perturbation,
+            "num_batch_splits": self.num_batch_splits,
         }
 
     @classmethod
@@ -370,6 +413,8 @@ class ASAM(SAM):
             Defaults to `0.01`.
         sam_every: Integer >= 1. Run the two-pass step on every
             `sam_every`-th step and a plain step otherwise. Defaults to `1`.
+        sync_perturbation: Boolean, see `SAM`. Defaults to `False`.
+        num_batch_splits: Integer >= 1, see `SAM`. Defaults to `1`.
         name: String, the name of the optimizer. Defaults to `"asam"`.
 
     Example:
@@ -383,7 +428,14 @@ class ASAM(SAM):
     """
 
     def __init__(
-        self, optimizer="sgd", rho=0.5, eta=0.01, sam_every=1, name=None
+        self,
+        optimizer="sgd",
+        rho=0.5,
+        eta=0.01,
+        sam_every=1,
+        name=None,
+        sync_perturbation=False,
+        num_batch_splits=1,
     ):
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
             raise TypeError(
@@ -391,7 +443,14 @@ class ASAM(SAM):
             )
         if not math.isfinite(eta) or eta <= 0:
             raise ValueError(f"`eta` must be a float > 0. Received: eta={eta}")
-        super().__init__(optimizer, rho=rho, sam_every=sam_every, name=name)
+        super().__init__(
+            optimizer,
+            rho=rho,
+            sam_every=sam_every,
+            name=name,
+            sync_perturbation=sync_perturbation,
+            num_batch_splits=num_batch_splits,
+        )
         self.eta = float(eta)
 
     def scale(self, variable, value):

@@ -214,3 +214,125 @@ def train_rsam(
             for w, ga, m in zip(params, g_adv, manifolds)
         ]
     return params
+
+
+# ---------------------------------------------------------------------------
+# m-sharpness, gradient accumulation and clipping (issue 9).
+#
+# A batch is split into contiguous sub-batches B_j of near-equal sizes n_j
+# (the first n % m get one sample more). Each is perturbed with its own
+# gradient and the adversarial gradients are averaged with weights n_j / n:
+#
+#     g_adv = sum_j (n_j / n) grad L_{B_j}(w + eps_j)
+#     eps_j from grad L_{B_j}(w)
+#
+# Per-replica perturbation on R devices is the same with m = R (replica r
+# holds the r-th contiguous part of the global batch); synchronized
+# perturbation is m = 1.
+
+
+def split_batch(x, y, num_splits):
+    """Contiguous sub-batches of near-equal sizes, as `(x_j, y_j)` pairs."""
+    n = len(x)
+    base, extra = divmod(n, num_splits)
+    parts, start = [], 0
+    for j in range(num_splits):
+        size = base + (1 if j < extra else 0)
+        if size:
+            parts.append((x[start : start + size], y[start : start + size]))
+        start += size
+    return parts
+
+
+def sam_grad(
+    params,
+    x,
+    y,
+    loss_and_grads,
+    rho,
+    num_splits=1,
+    variant="sam",
+    eta=0.01,
+    weight_like=None,
+):
+    """The gradient SAM hands its inner optimizer for one batch."""
+    n = len(x)
+    total = [np.zeros_like(p) for p in params]
+    for xj, yj in split_batch(x, y, num_splits):
+        _, g = loss_and_grads(params, xj, yj)
+        if variant == "sam":
+            eps = sam_eps(g, rho)
+        else:
+            eps = asam_eps(params, g, rho, eta, weight_like)
+        _, g_adv = loss_and_grads(
+            [p + e for p, e in zip(params, eps)], xj, yj
+        )
+        total = [t + len(xj) / n * ga for t, ga in zip(total, g_adv)]
+    return total
+
+
+def clip_by_global_norm(grads, clipnorm):
+    """Keras' `global_clipnorm`: g * c / max(||g||, c), ||.|| over all."""
+    norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+    return [g * clipnorm / max(norm, clipnorm) for g in grads]
+
+
+def clip_by_norm(grads, clipnorm):
+    """Keras' `clipnorm`: each gradient clipped to norm c on its own."""
+    return [
+        g * clipnorm / max(np.sqrt(np.sum(g**2)), clipnorm) for g in grads
+    ]
+
+
+def train_sam_general(
+    params,
+    batches,
+    loss_and_grads,
+    rho,
+    lr,
+    momentum=0.0,
+    num_splits=1,
+    accumulation_steps=1,
+    global_clipnorm=None,
+    clipnorm=None,
+    variant="sam",
+    eta=0.01,
+    weight_like=None,
+):
+    """SAM/ASAM with Keras SGD, m-sharpness, accumulation and clipping.
+
+    Accumulation as in Keras: every step adds g_adv to an accumulator; each
+    `accumulation_steps`-th step applies the mean of the accumulated
+    gradients and resets. Clipping applies to that (adversarial) gradient
+    only; the perturbation uses the unclipped clean gradient.
+    """
+    params = [np.array(p, dtype=np.float64) for p in params]
+    velocity = [np.zeros_like(p) for p in params]
+    accumulated = [np.zeros_like(p) for p in params]
+    for step, (x, y) in enumerate(batches):
+        g = sam_grad(
+            params,
+            x,
+            y,
+            loss_and_grads,
+            rho,
+            num_splits=num_splits,
+            variant=variant,
+            eta=eta,
+            weight_like=weight_like,
+        )
+        if accumulation_steps > 1:
+            if (step + 1) % accumulation_steps:
+                accumulated = [a + gi for a, gi in zip(accumulated, g)]
+                continue
+            g = [
+                (a + gi) / accumulation_steps
+                for a, gi in zip(accumulated, g)
+            ]
+            accumulated = [np.zeros_like(p) for p in params]
+        if clipnorm is not None:
+            g = clip_by_norm(g, clipnorm)
+        if global_clipnorm is not None:
+            g = clip_by_global_norm(g, global_clipnorm)
+        params, velocity = sgd_step(params, g, velocity, lr, momentum)
+    return params

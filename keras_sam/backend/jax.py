@@ -10,6 +10,7 @@ import jax
 import keras
 
 from keras_sam import optimizers as sam_optimizers
+from keras_sam.backend import _common as common
 
 
 def _batch_size(x):
@@ -29,6 +30,35 @@ def _run_stateless(optimizer, optimizer_values, fn):
     return result, new_values
 
 
+def _data_parallel_replicas():
+    """Replicas along the batch axis of the `keras.distribution` in use."""
+    distribution = keras.distribution.distribution()
+    batch_axis = getattr(distribution, "batch_dim_name", None)
+    if batch_axis is None:
+        return 1
+    mesh = distribution.device_mesh
+    return int(mesh.shape[list(mesh.axis_names).index(batch_axis)])
+
+
+def _split_batch(x, y, sample_weight, num_splits):
+    """Contiguous sub-batches `[((x, y, sw), n_j / n)]`, empty ones dropped.
+
+    One split gives the batch itself with fraction `None`.
+    """
+    if num_splits == 1:
+        return [((x, y, sample_weight), None)]
+    n = _batch_size(x)
+    parts, start = [], 0
+    for size in common.split_sizes(n, num_splits):
+        if size:
+            part = jax.tree_util.tree_map(
+                lambda t: t[start : start + size], (x, y, sample_weight)
+            )
+            parts.append((part, size / n))
+        start += size
+    return parts
+
+
 def train_step(model, state, data):
     (
         trainable_values,
@@ -40,6 +70,14 @@ def train_step(model, state, data):
     sam = model.sam_optimizer
     optimizer = model.optimizer
     variables = model.trainable_variables
+    # The step sees the global batch. Per-replica perturbation (the default
+    # under keras.distribution) splits it along the data-parallel axis,
+    # whose shards are contiguous, times `num_batch_splits` per replica.
+    num_splits = sam.num_batch_splits
+    if not sam.sync_perturbation:
+        num_splits *= _data_parallel_replicas()
+    parts = _split_batch(x, y, sample_weight, num_splits)
+    fractions = [fraction for _, fraction in parts]
 
     def loss_fn(weights, states, x, y, sample_weight, training=True):
         # Scaled loss (when training) and (unscaled loss, y_pred, new
@@ -59,52 +97,102 @@ def train_step(model, state, data):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     with sam.sharpness_aware_step():
-        # Clean pass: metrics and BatchNorm statistics come from here only.
-        (_, (loss, y_pred, new_non_trainable_values, _)), grads = grad_fn(
-            trainable_values, non_trainable_values, x, y, sample_weight
-        )
-        auxiliary = []
-        for ax, ay, aw in sam.auxiliary_batches():
-            (aux_loss, _), aux_grads = grad_fn(
-                trainable_values, non_trainable_values, ax, ay, aw, False
+        # Clean passes: metrics and BatchNorm statistics come from here
+        # only; each sub-batch starts from the states the previous left.
+        states_before, losses, y_preds, grads = [], [], [], []
+        new_non_trainable_values = non_trainable_values
+        for (px, py, pw), _ in parts:
+            states_before.append(new_non_trainable_values)
+            (_, (loss, y_pred, new_non_trainable_values, _)), g = grad_fn(
+                trainable_values, new_non_trainable_values, px, py, pw
             )
-            auxiliary.append((aux_loss, aux_grads))
+            losses.append([loss])
+            y_preds.append(y_pred)
+            grads.append(g)
+        (loss,) = common.combine(losses, fractions)
+        if len(y_preds) == 1:
+            y_pred = y_preds[0]
+        else:
+            y_pred = jax.tree_util.tree_map(
+                lambda *t: jax.numpy.concatenate(t, axis=0), *y_preds
+            )
+        g_clean = common.combine(grads, fractions)
+        # Auxiliary passes at w (inference mode), skipped (zeros) when the
+        # optimizer says they are not due; both read the step's state.
+        (batches, due), _ = _run_stateless(
+            optimizer,
+            optimizer_values,
+            lambda: (sam.auxiliary_batches(), sam.auxiliary_due()),
+        )
+
+        def auxiliary_passes(batches):
+            results = []
+            for ax, ay, aw in batches:
+                (aux_loss, _), aux_grads = grad_fn(
+                    trainable_values, non_trainable_values, ax, ay, aw, False
+                )
+                results.append((aux_loss, aux_grads))
+            return results
+
+        if not batches or due is True:
+            auxiliary = auxiliary_passes(batches)
+        else:
+            auxiliary = jax.lax.cond(
+                due,
+                auxiliary_passes,
+                lambda batches: jax.tree_util.tree_map(
+                    lambda s: jax.numpy.zeros(s.shape, s.dtype),
+                    jax.eval_shape(auxiliary_passes, batches),
+                ),
+                batches,
+            )
 
         def clean_hooks():
-            unscaled = sam_optimizers.unscale_gradients(optimizer, grads)
-            sam.on_clean_pass(loss, unscaled, variables, auxiliary)
-            return unscaled
+            unscaled = [
+                sam_optimizers.unscale_gradients(optimizer, g) for g in grads
+            ]
+            g_unscaled = common.combine(unscaled, fractions)
+            sam.on_clean_pass(loss, g_unscaled, variables, auxiliary)
+            return unscaled, g_unscaled
 
-        unscaled, optimizer_values = _run_stateless(
+        (unscaled, g_unscaled), optimizer_values = _run_stateless(
             optimizer, optimizer_values, clean_hooks
         )
 
         def adversarial(optimizer_values):
-            w_adv, _ = _run_stateless(
-                optimizer,
-                optimizer_values,
-                lambda: sam.perturbed_values(
-                    unscaled, variables, trainable_values
-                ),
-            )
-            w_adv = [
-                w if wa is None else wa
-                for w, wa in zip(trainable_values, w_adv)
-            ]
-            # Adversarial pass from the same random state as the clean pass
-            # (same dropout masks); its BatchNorm updates are discarded.
-            _, g_adv = grad_fn(
-                w_adv, non_trainable_values, x, y, sample_weight
-            )
+            g_adv = []
+            for ((px, py, pw), _), g, before in zip(
+                parts, unscaled, states_before
+            ):
+                # Ascend to w + eps_j.
+                w_adv, _ = _run_stateless(
+                    optimizer,
+                    optimizer_values,
+                    lambda: sam.perturbed_values(
+                        g, variables, trainable_values
+                    ),
+                )
+                w_adv = [
+                    w if wa is None else wa
+                    for w, wa in zip(trainable_values, w_adv)
+                ]
+                # Adversarial pass from the clean pass's random state (same
+                # dropout masks); its BatchNorm updates are discarded.
+                g_adv.append(grad_fn(w_adv, before, px, py, pw)[1])
+            g_adv = common.combine(g_adv, fractions)
 
             def adversarial_hooks():
                 g = sam.pull_back(g_adv, variables, trainable_values)
                 sam.on_adversarial_pass(
-                    unscaled,
+                    g_unscaled,
                     sam_optimizers.unscale_gradients(optimizer, g),
                     variables,
                 )
-                return g
+                # A non-finite clean pass hands its own gradient on, so that
+                # the step is skipped even if eps happened to be finite.
+                return common.select(
+                    common.all_finite(g_unscaled), g, g_clean
+                )
 
             return _run_stateless(
                 optimizer, optimizer_values, adversarial_hooks
@@ -119,13 +207,26 @@ def train_step(model, state, data):
             grads, optimizer_values = jax.lax.cond(
                 perturb,
                 adversarial,
-                lambda values: (grads, values),
+                lambda values: (g_clean, values),
                 optimizer_values,
             )
 
-        trainable_values, optimizer_values = optimizer.stateless_apply(
-            optimizer_values, grads, trainable_values
-        )
+        def apply(values):
+            return optimizer.stateless_apply(values[1], grads, values[0])
+
+        if common.has_loss_scaling(optimizer):
+            # The LossScaleOptimizer skips a non-finite step itself.
+            trainable_values, optimizer_values = apply(
+                (trainable_values, optimizer_values)
+            )
+        else:
+            # Skip a non-finite step: weights and optimizer state untouched.
+            trainable_values, optimizer_values = jax.lax.cond(
+                common.all_finite(grads),
+                apply,
+                lambda values: values,
+                (trainable_values, optimizer_values),
+            )
 
     metrics_mapping = list(zip(model.metrics_variables, metrics_values))
     with keras.StatelessScope(state_mapping=metrics_mapping) as scope:

@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_sam import optimizers as sam_optimizers
+from keras_sam.backend import _common as common
 
 
 def _loss_and_grads(model, x, y, sample_weight, variables, training=True):
@@ -51,6 +52,92 @@ def _auxiliary(model, sam, variables):
     return results
 
 
+def _split_batch(x, y, sample_weight, num_splits):
+    """Contiguous sub-batches `[((x, y, sw), n_j / n)]` of the batch.
+
+    One split gives the batch itself with fraction `None`. The batch size may
+    be unknown when tracing; a sub-batch past its end is empty (fraction 0).
+    """
+    if num_splits == 1:
+        return [((x, y, sample_weight), None)]
+    n = _batch_size(x)
+    size = (n + num_splits - 1) // num_splits
+    parts = []
+    for j in range(num_splits):
+        start = tf.minimum(j * size, n)
+        stop = tf.minimum(start + size, n)
+        part = tf.nest.map_structure(
+            lambda t: None if t is None else t[start:stop],
+            (x, y, sample_weight),
+        )
+        fraction = tf.cast(stop - start, "float32") / tf.cast(n, "float32")
+        parts.append((part, fraction))
+    return parts
+
+
+def _concat(structures):
+    if len(structures) == 1:
+        return structures[0]
+    return tf.nest.map_structure(
+        lambda *t: tf.concat(t, axis=0), *structures
+    )
+
+
+def _sync(grads):
+    """All-reduce of per-replica gradients (of the loss scaled by 1/replicas,
+    so the sum is the gradient of the global batch)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return grads
+    present = [g for g in grads if g is not None]
+    reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+    return [None if g is None else next(reduced) for g in grads]
+
+
+def _apply(optimizer, grads, variables):
+    """`optimizer.apply`, skipping the step when a gradient is not finite.
+
+    A `LossScaleOptimizer` in the chain does the check itself (and lowers its
+    scale); otherwise the step is skipped here, leaving the weights and the
+    optimizer's state untouched. Under a strategy the replicas' checks are
+    combined and the branch taken in cross-replica context, since a branch
+    in replica context may not call `merge_call`.
+    """
+    if common.has_loss_scaling(optimizer):
+        optimizer.apply(grads, variables)
+        return
+    if (
+        not tf.distribute.has_strategy()
+        or tf.__internal__.distribute.strategy_supports_no_merge_call()
+    ):
+        tf.cond(
+            common.all_finite(grads),
+            lambda: optimizer.apply(grads, variables),
+            lambda: None,
+        )
+        return
+
+    def cross_replica(strategy, grads):
+        # Every replica's check, read here without a collective.
+        finite = strategy.extended.call_for_each_replica(
+            common.all_finite, args=(grads,)
+        )
+        finite = tf.reduce_all(
+            tf.stack(strategy.experimental_local_results(finite))
+        )
+
+        def apply():
+            strategy.extended.call_for_each_replica(
+                optimizer.apply, args=(grads, variables)
+            )
+
+        tf.cond(finite, apply, lambda: None)
+
+    tf.distribute.get_replica_context().merge_call(
+        cross_replica, args=(grads,)
+    )
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     sam = model.sam_optimizer
@@ -59,47 +146,79 @@ def train_step(model, data):
             "SAMModel must be compiled before training. Call "
             "`model.compile(optimizer=..., loss=...)` first."
         )
+    optimizer = model.optimizer
+    if not model.built:
+        # TF defers building to the first trace: build symbolically first,
+        # so that the variables exist before the step reads them.
+        model(
+            tf.nest.map_structure(
+                lambda t: keras.KerasTensor(tuple(t.shape), t.dtype.name), x
+            )
+        )
     variables = model.trainable_variables
     states = model.non_trainable_variables
+    # Under tf.distribute this runs per replica, on the replica's part of
+    # the batch: eps is per replica (m-sharpness) unless synchronized.
+    parts = _split_batch(x, y, sample_weight, sam.num_batch_splits)
+    fractions = [fraction for _, fraction in parts]
 
     with sam.sharpness_aware_step():
-        states_before = _snapshot(states)
-        # Clean pass: metrics and BatchNorm statistics come from here only.
-        loss, y_pred, grads = _loss_and_grads(
-            model, x, y, sample_weight, variables
-        )
+        # Clean passes: metrics and BatchNorm statistics come from here only.
+        states_before, losses, y_preds, grads, unscaled = [], [], [], [], []
+        for (px, py, pw), _ in parts:
+            states_before.append(_snapshot(states))
+            loss, y_pred, g = _loss_and_grads(model, px, py, pw, variables)
+            losses.append([loss])
+            y_preds.append(y_pred)
+            grads.append(g)
+            g = sam_optimizers.unscale_gradients(optimizer, g)
+            unscaled.append(_sync(g) if sam.sync_perturbation else g)
+        (loss,) = common.combine(losses, fractions)
+        y_pred = _concat(y_preds)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         model.loss_metric().update_state(
             loss * replicas, sample_weight=_batch_size(x)
         )
-        unscaled = sam_optimizers.unscale_gradients(model.optimizer, grads)
+        g_clean = common.combine(grads, fractions)
+        g_unscaled = common.combine(unscaled, fractions)
         sam.on_clean_pass(
-            loss, unscaled, variables, _auxiliary(model, sam, variables)
+            loss, g_unscaled, variables, _auxiliary(model, sam, variables)
         )
 
-        present = [i for i, g in enumerate(grads) if g is not None]
+        present = [i for i, g in enumerate(g_clean) if g is not None]
 
         def adversarial_grads():
             states_after = _snapshot(states)
             w = _snapshot(variables)
-            # Ascend to w + eps; rerun with the clean pass's random state so
-            # that dropout draws the same masks.
-            _assign(variables, sam.perturbed_values(unscaled, variables, w))
-            _assign(states, states_before)
+            g_adv = []
             try:
-                _, _, g_adv = _loss_and_grads(
-                    model, x, y, sample_weight, variables
-                )
+                for ((px, py, pw), _), g, before in zip(
+                    parts, unscaled, states_before
+                ):
+                    # Ascend to w + eps_j; rerun with the clean pass's random
+                    # state so that dropout draws the same masks.
+                    _assign(variables, sam.perturbed_values(g, variables, w))
+                    _assign(states, before)
+                    g_adv.append(
+                        _loss_and_grads(model, px, py, pw, variables)[2]
+                    )
             finally:
-                # Restore w and the clean pass's BatchNorm statistics (also
+                # Restore w and the clean passes' BatchNorm statistics (also
                 # when an eager adversarial pass raises).
                 _assign(variables, w)
                 _assign(states, states_after)
-            g_adv = sam.pull_back(g_adv, variables, w)
+            g_adv = sam.pull_back(
+                common.combine(g_adv, fractions), variables, w
+            )
             sam.on_adversarial_pass(
-                unscaled,
-                sam_optimizers.unscale_gradients(model.optimizer, g_adv),
+                g_unscaled,
+                sam_optimizers.unscale_gradients(optimizer, g_adv),
                 variables,
+            )
+            # A non-finite clean pass hands its own gradient on, so that
+            # the step is skipped even if eps happened to be finite.
+            g_adv = common.select(
+                common.all_finite(g_unscaled), g_adv, g_clean
             )
             return [g_adv[i] for i in present]
 
@@ -109,12 +228,12 @@ def train_step(model, data):
             chosen = tf.cond(
                 sam.should_perturb(),
                 adversarial_grads,
-                lambda: [grads[i] for i in present],
+                lambda: [g_clean[i] for i in present],
             )
-        final = [None] * len(grads)
+        final = [None] * len(g_clean)
         for i, g in zip(present, chosen):
             final[i] = g
-        model.optimizer.apply(final, variables)
+        _apply(optimizer, final, variables)
 
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     for key, value in sam.log_values().items():

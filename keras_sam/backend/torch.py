@@ -4,6 +4,7 @@ import keras
 import torch
 
 from keras_sam import optimizers as sam_optimizers
+from keras_sam.backend import _common as common
 
 
 def _loss_and_grads(model, x, y, sample_weight, variables, training=True):
@@ -49,6 +50,26 @@ def _auxiliary(model, sam, variables):
     return results
 
 
+def _split_batch(x, y, sample_weight, num_splits):
+    """Contiguous sub-batches `[((x, y, sw), n_j / n)]`, empty ones dropped.
+
+    One split gives the batch itself with fraction `None`.
+    """
+    if num_splits == 1:
+        return [((x, y, sample_weight), None)]
+    n = _batch_size(x)
+    parts, start = [], 0
+    for size in common.split_sizes(n, num_splits):
+        if size:
+            part = keras.tree.map_structure(
+                lambda t: None if t is None else t[start : start + size],
+                (x, y, sample_weight),
+            )
+            parts.append((part, size / n))
+        start += size
+    return parts
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     sam = model.sam_optimizer
@@ -57,51 +78,87 @@ def train_step(model, data):
             "SAMModel must be compiled before training. Call "
             "`model.compile(optimizer=..., loss=...)` first."
         )
+    optimizer = model.optimizer
     variables = model.trainable_variables
     states = model.non_trainable_variables
+    parts = _split_batch(x, y, sample_weight, sam.num_batch_splits)
+    fractions = [fraction for _, fraction in parts]
 
     with sam.sharpness_aware_step():
-        states_before = _snapshot(states)
-        # Clean pass: metrics and BatchNorm statistics come from here only.
-        loss, y_pred, grads = _loss_and_grads(
-            model, x, y, sample_weight, variables
-        )
+        # Clean passes: metrics and BatchNorm statistics come from here only.
+        states_before, losses, y_preds, grads = [], [], [], []
+        for (px, py, pw), _ in parts:
+            states_before.append(_snapshot(states))
+            loss, y_pred, g = _loss_and_grads(model, px, py, pw, variables)
+            losses.append([loss])
+            y_preds.append(y_pred)
+            grads.append(g)
+        with torch.no_grad():
+            (loss,) = common.combine(losses, fractions)
+            if len(y_preds) == 1:
+                y_pred = y_preds[0]
+            else:
+                y_pred = keras.tree.map_structure(
+                    lambda *t: torch.cat(t, dim=0), *y_preds
+                )
+            g_clean = common.combine(grads, fractions)
         model.loss_metric().update_state(loss, sample_weight=_batch_size(x))
         auxiliary = _auxiliary(model, sam, variables)
         with torch.no_grad():
-            unscaled = sam_optimizers.unscale_gradients(model.optimizer, grads)
-            sam.on_clean_pass(loss, unscaled, variables, auxiliary)
+            unscaled = [
+                sam_optimizers.unscale_gradients(optimizer, g) for g in grads
+            ]
+            g_unscaled = common.combine(unscaled, fractions)
+            sam.on_clean_pass(loss, g_unscaled, variables, auxiliary)
             perturb = sam.sam_every == 1 or bool(sam.should_perturb())
+        final = g_clean
         if perturb:
             with torch.no_grad():
                 states_after = _snapshot(states)
                 w = _snapshot(variables)
-                w_adv = sam.perturbed_values(unscaled, variables, w)
+            g_adv = []
             try:
-                # Ascend to w + eps; rerun with the clean pass's random state
-                # so that dropout draws the same masks.
-                with torch.no_grad():
-                    _assign(variables, w_adv)
-                    _assign(states, states_before)
-                _, _, grads = _loss_and_grads(
-                    model, x, y, sample_weight, variables
-                )
+                for ((px, py, pw), _), g, before in zip(
+                    parts, unscaled, states_before
+                ):
+                    # Ascend to w + eps_j; rerun with the clean pass's random
+                    # state so that dropout draws the same masks.
+                    with torch.no_grad():
+                        _assign(
+                            variables, sam.perturbed_values(g, variables, w)
+                        )
+                        _assign(states, before)
+                    g_adv.append(
+                        _loss_and_grads(model, px, py, pw, variables)[2]
+                    )
             finally:
-                # Restore w and the clean pass's BatchNorm statistics, even
-                # if the adversarial pass raised.
+                # Restore w and the clean passes' BatchNorm statistics, even
+                # if an adversarial pass raised.
                 with torch.no_grad():
                     _assign(variables, w)
                     _assign(states, states_after)
             with torch.no_grad():
-                grads = sam.pull_back(grads, variables, w)
+                g_adv = sam.pull_back(
+                    common.combine(g_adv, fractions), variables, w
+                )
                 sam.on_adversarial_pass(
-                    unscaled,
-                    sam_optimizers.unscale_gradients(model.optimizer, grads),
+                    g_unscaled,
+                    sam_optimizers.unscale_gradients(optimizer, g_adv),
                     variables,
+                )
+                # A non-finite clean pass hands its own gradient on, so that
+                # the step is skipped even if eps happened to be finite.
+                final = common.select(
+                    common.all_finite(g_unscaled), g_adv, g_clean
                 )
 
         with torch.no_grad():
-            model.optimizer.apply(grads, variables)
+            # A LossScaleOptimizer skips a non-finite step itself; without
+            # one the step is skipped here (weights and state untouched).
+            if common.has_loss_scaling(optimizer) or bool(
+                common.all_finite(final)
+            ):
+                optimizer.apply(final, variables)
 
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     with torch.no_grad():

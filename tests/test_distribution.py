@@ -1,0 +1,124 @@
+"""Multi-device SAM on 2 simulated CPU devices, against the reference.
+
+TensorFlow: `tf.distribute.MirroredStrategy`; JAX: `keras.distribution.
+DataParallel`. The devices must exist before the framework initializes, so
+`tests/distributed_worker.py` trains every case in one subprocess and the
+checks here read its output.
+
+- Per-replica perturbation (default): replica r perturbs with the gradient
+  of its half of the batch, the adversarial gradients are averaged: the
+  reference with 2 contiguous sub-batches.
+- `sync_perturbation=True`: eps from the gradient of the whole batch: the
+  single-device reference.
+- `num_batch_splits=2` on 2 replicas: 4 sub-batches.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import reference
+from tests import sam_setup
+from tests.conftest import BACKEND
+
+TOLERANCE = 1e-5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(
+    BACKEND not in ("tensorflow", "jax"),
+    reason="Keras multi-device training: TensorFlow and JAX backends",
+)
+
+
+@pytest.fixture(scope="module")
+def result():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.distributed_worker", BACKEND],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [
+        line
+        for line in completed.stdout.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert completed.returncode == 0 and lines, completed.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+    out["cases"] = {
+        name: [np.asarray(w) for w in weights]
+        for name, weights in out["cases"].items()
+    }
+    return out
+
+
+def _expected(num_splits, variant="sam"):
+    x, y = sam_setup.data(16)
+    return reference.train_sam_general(
+        sam_setup.initial_params(),
+        sam_setup.batches(x, y, 8, epochs=2),
+        reference.mlp_loss_and_grads,
+        rho=0.1 if variant == "sam" else 0.5,
+        lr=0.1,
+        momentum=0.9,
+        num_splits=num_splits,
+        variant=variant,
+        weight_like=sam_setup.WEIGHT_LIKE,
+    )
+
+
+def test_two_replicas(result):
+    assert result["replicas"] == 2
+    if BACKEND == "jax":
+        # The weights are replicated over both devices.
+        assert result["weight_devices"] == 2
+
+
+def test_default_perturbation_is_per_replica(result):
+    got = result["cases"]["per_replica"]
+    per_replica, synced = _expected(2), _expected(1)
+    # The two modes are far apart compared with the tolerance ...
+    assert sam_setup.max_difference(per_replica, synced) > 1e-3
+    # ... and the default follows per-replica (m-sharpness) SAM.
+    assert sam_setup.max_difference(got, per_replica) < TOLERANCE
+
+
+def test_asam_per_replica(result):
+    got = result["cases"]["asam_per_replica"]
+    assert sam_setup.max_difference(got, _expected(2, "asam")) < TOLERANCE
+
+
+def test_sync_perturbation_matches_single_device(result):
+    got = result["cases"]["sync"]
+    assert sam_setup.max_difference(got, _expected(1)) < TOLERANCE
+
+
+def test_batch_splits_on_each_replica(result):
+    got = result["cases"]["splits"]
+    assert sam_setup.max_difference(got, _expected(4)) < TOLERANCE
+
+
+def test_non_finite_on_one_replica_skips_the_step(result):
+    got = result["cases"]["non_finite"]
+    assert sam_setup.max_difference(got, sam_setup.initial_params()) < 1e-7
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="MirroredStrategy")
+def test_assign_in_replica_context_touches_the_local_copy(result):
+    """Keras model variables under MirroredStrategy are MirroredVariables
+    with aggregation NONE: `assign` in replica context writes only the
+    replica's own copy. That is what makes w + eps per replica, and why the
+    step must restore w before the (all-reduced) update."""
+    probe = result["probe"]
+    assert probe["type"] == "MirroredVariable"
+    assert probe["aggregation"].endswith("NONE")
+    assert probe["seen_in_replica"] == [[1.0, 1.0], [2.0, 2.0]]
+    assert probe["copies_after"] == [[1.0, 1.0], [2.0, 2.0]]
