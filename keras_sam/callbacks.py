@@ -1,1 +1,210 @@
 """Keras callbacks of keras_sam; they report through `logs`."""
+
+import keras
+from keras import ops
+
+from keras_sam import sharpness
+
+
+def _find_sgd(optimizer):
+    """The `keras.optimizers.SGD` inside wrappers (SAM, loss scaling)."""
+    while optimizer is not None:
+        if isinstance(optimizer, keras.optimizers.SGD):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class SharpnessMonitor(keras.callbacks.Callback):
+    """Writes sharpness, Hessian trace and weight norms into `logs`.
+
+    At the end of the first epoch and of every `every_n_epochs`-th epoch it
+    measures on the fixed probe `data` (the full-data loss, in inference mode
+    unless `training=True`) and adds to `logs`:
+
+    ```
+    sharpness     = lambda_max(H)                    # Lanczos
+    hessian_trace = (1/m) sum_i z_i^T H z_i          # Hutchinson, m probes
+    param_l1      = sum |w|,   param_l2 = sqrt(sum w^2)
+    eos_ratio     = sharpness / (2 (1 + beta) / lr)  # >= 1: edge of stability
+    sam_sharpness = L(w + eps) - L(w)                # only when rho is given
+    ```
+
+    `2 (1 + beta) / lr` is the largest curvature that (full-batch) SGD with
+    heavy-ball momentum `beta` can descend stably; with Nesterov momentum it
+    is `2 (1 + beta) / ((1 + 2 beta) lr)`, and `beta = 0` gives `2 / lr`.
+    `eos_ratio` is written for SGD (found inside SAM or loss-scale wrappers)
+    or when `momentum` is given; adaptive optimizers have a preconditioned
+    threshold, so it is left out for them.
+
+    Like validation metrics with `validation_freq`, the keys appear only on
+    the epochs that are measured; measuring the first epoch lets `CSVLogger`
+    pick up the columns (it writes `NA` on the other epochs). Put this
+    callback before `CSVLogger` or `TensorBoard` in the `callbacks` list so
+    that they see the keys.
+
+    Args:
+        data: Probe data: arrays `(x, y[, sample_weight])`, a dataset or an
+            iterable of batches; read once, when the callback is created.
+        every_n_epochs: Integer >= 1; measure after the first and every
+            n-th epoch. Defaults to `1`.
+        loss: A loss overriding the model's compiled loss. Defaults to
+            `None`.
+        training: Evaluate the loss in training mode. Defaults to `False`.
+        batch_size: Batch size used to cut arrays. Defaults to `None`, one
+            batch.
+        steps: Maximum number of batches read from `data`. Defaults to
+            `None`, all.
+        method: `"lanczos"` or `"power"`. Defaults to `"lanczos"`.
+        max_iter: Maximum Hessian-vector products for the top eigenvalue.
+            Defaults to `100`.
+        tol: Relative tolerance of the eigenvalue. Defaults to `1e-3`.
+        trace_probes: Number of Hutchinson probes; `0` skips the trace.
+            Defaults to `10`.
+        rho: If given, also log `sam_sharpness` with this radius.
+            Defaults to `None`.
+        momentum: Momentum `beta` for `eos_ratio`, overriding the SGD
+            optimizer's. Defaults to `None`.
+        seed: Seed of the start vector and the probes. Defaults to `0`.
+
+    `get_config` returns every argument but `data` (arrays do not belong in
+    a config); rebuild with `SharpnessMonitor(data, **config)`.
+
+    Example:
+
+    >>> monitor = keras_sam.callbacks.SharpnessMonitor((x_probe, y_probe))
+    >>> history = model.fit(x, y, epochs=5, callbacks=[monitor])
+    >>> history.history["sharpness"], history.history["eos_ratio"]
+
+    References:
+        - Cohen et al., Gradient Descent on Neural Networks Typically Occurs
+          at the Edge of Stability, ICLR 2021.
+        - Fojtik et al., Conflicting Biases at the Edge of Stability: Norm
+          versus Sharpness Regularization, arXiv 2505.21423.
+    """
+
+    def __init__(
+        self,
+        data,
+        every_n_epochs=1,
+        loss=None,
+        training=False,
+        batch_size=None,
+        steps=None,
+        method="lanczos",
+        max_iter=100,
+        tol=1e-3,
+        trace_probes=10,
+        rho=None,
+        momentum=None,
+        seed=0,
+    ):
+        super().__init__()
+        self.every_n_epochs = sharpness._check_int(
+            "every_n_epochs", every_n_epochs, 1
+        )
+        if method not in sharpness._METHODS:
+            raise ValueError(
+                f"`method` must be one of {sharpness._METHODS}. Received: "
+                f"method={method!r}"
+            )
+        self.max_iter = sharpness._check_int("max_iter", max_iter, 1)
+        self.tol = sharpness._check_float("tol", tol, 0.0, strict=True)
+        self.trace_probes = sharpness._check_int(
+            "trace_probes", trace_probes, 0
+        )
+        if rho is not None:
+            rho = sharpness._check_float("rho", rho)
+        if momentum is not None:
+            momentum = sharpness._check_float("momentum", momentum)
+        if batch_size is not None:
+            batch_size = sharpness._check_int("batch_size", batch_size, 1)
+        if steps is not None:
+            steps = sharpness._check_int("steps", steps, 1)
+        self.loss = loss
+        self.training = bool(training)
+        self.batch_size = batch_size
+        self.steps = steps
+        self.method = method
+        self.rho = rho
+        self.momentum = momentum
+        self.seed = seed
+        # Read the probe data now, so that empty data fails here.
+        self._batches = [
+            (x, y, sample_weight)
+            for _, x, y, sample_weight in sharpness._as_batches(
+                data, batch_size=batch_size, steps=steps
+            )
+        ]
+        self._hessian = None
+
+    def _eos_threshold(self):
+        """`2 (1 + beta) / lr` (Nesterov: over `1 + 2 beta`), or `None`."""
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return None
+        sgd = _find_sgd(optimizer)
+        beta, nesterov = self.momentum, False
+        if beta is None:
+            if sgd is None:
+                return None
+            beta, nesterov = float(sgd.momentum), bool(sgd.nesterov)
+        lr = float(ops.convert_to_numpy(optimizer.learning_rate))
+        if lr <= 0:
+            return None
+        threshold = 2.0 * (1.0 + beta) / lr
+        if nesterov:
+            threshold /= 1.0 + 2.0 * beta
+        return threshold
+
+    def measure(self):
+        """Measures now and returns the dict of values written into `logs`."""
+        if self._hessian is None or self._hessian.model is not self.model:
+            self._hessian = sharpness.Hessian(
+                self.model, self._batches, self.loss, self.training
+            )
+        hessian = self._hessian
+        values = {
+            "sharpness": hessian.top_eigenvalue(
+                method=self.method,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                seed=self.seed,
+            )
+        }
+        if self.trace_probes:
+            values["hessian_trace"] = hessian.trace(
+                num_probes=self.trace_probes, seed=self.seed
+            )
+        norms = sharpness.parameter_norms(self.model)
+        values["param_l1"] = norms["l1"]
+        values["param_l2"] = norms["l2"]
+        threshold = self._eos_threshold()
+        if threshold is not None:
+            values["eos_ratio"] = values["sharpness"] / threshold
+        if self.rho is not None:
+            values["sam_sharpness"] = hessian.sam_sharpness(rho=self.rho)
+        return values
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch > 0 and (epoch + 1) % self.every_n_epochs:
+            return
+        if logs is not None:
+            logs.update(self.measure())
+
+    def get_config(self):
+        return {
+            "every_n_epochs": self.every_n_epochs,
+            "loss": keras.saving.serialize_keras_object(self.loss),
+            "training": self.training,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "method": self.method,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "trace_probes": self.trace_probes,
+            "rho": self.rho,
+            "momentum": self.momentum,
+            "seed": self.seed,
+        }

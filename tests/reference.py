@@ -336,3 +336,70 @@ def train_sam_general(
             g = clip_by_global_norm(g, global_clipnorm)
         params, velocity = sgd_step(params, g, velocity, lr, momentum)
     return params
+
+
+# ---------------------------------------------------------------------------
+# Sharpness diagnostics (DESIGN section 5, issue 7).
+
+
+def mlp_hvp_fd(params, x, y, vectors, h=1e-5):
+    """H v by central differences of the MLP gradient:
+    (grad L(w + h v) - grad L(w - h v)) / (2 h)."""
+    plus = [p + h * v for p, v in zip(params, vectors)]
+    minus = [p - h * v for p, v in zip(params, vectors)]
+    _, g_plus = mlp_loss_and_grads(plus, x, y)
+    _, g_minus = mlp_loss_and_grads(minus, x, y)
+    return [(a - b) / (2 * h) for a, b in zip(g_plus, g_minus)]
+
+
+def hutchinson_trace(matrix, num_probes, seed):
+    """(1/m) sum_i z_i^T A z_i with Rademacher z_i drawn in sequence from
+    numpy's default_rng(seed) as integers(0, 2) * 2 - 1."""
+    rng = np.random.default_rng(seed)
+    n = matrix.shape[0]
+    total = 0.0
+    for _ in range(num_probes):
+        z = rng.integers(0, 2, size=n) * 2.0 - 1.0
+        total += z @ matrix @ z
+    return total / num_probes
+
+
+def mlp_sam_sharpness(params, x, y, rho):
+    """L(w + eps) - L(w), eps = rho g / (||g|| + 1e-12)."""
+    loss, g = mlp_loss_and_grads(params, x, y)
+    eps = sam_eps(g, rho)
+    adv, _ = mlp_loss_and_grads([p + e for p, e in zip(params, eps)], x, y)
+    return adv - loss
+
+
+# A scalar two-parameter network f = (u v)^2 on x = 1, y = 1 with squared
+# error, L(u, v) = (u^2 v^2 - 1)^2: the smallest model with an edge of
+# stability. On the minima (u^2 v^2 = 1) the Hessian is 2 grad f grad f^T, of
+# top eigenvalue 8 (u^2 + v^2); gradient descent with 2 / lr below that
+# oscillates and drifts along the minima until the sharpness is just under
+# 2 / lr, and with 2 / lr above it the sharpness stays where it is.
+
+
+def scalar_eos_grads(u, v):
+    f = u * u * v * v
+    return 4 * (f - 1) * u * v * v, 4 * (f - 1) * u * u * v
+
+
+def scalar_eos_sharpness(u, v):
+    """Top eigenvalue of the 2x2 Hessian of L(u, v) = (f - 1)^2, f = u^2 v^2."""
+    f = u * u * v * v
+    f_u, f_v = 2 * u * v * v, 2 * u * u * v
+    f_uu, f_vv, f_uv = 2 * v * v, 2 * u * u, 4 * u * v
+    h_uu = 2 * f_u * f_u + 2 * (f - 1) * f_uu
+    h_vv = 2 * f_v * f_v + 2 * (f - 1) * f_vv
+    h_uv = 2 * f_u * f_v + 2 * (f - 1) * f_uv
+    hessian = np.array([[h_uu, h_uv], [h_uv, h_vv]])
+    return np.linalg.eigvalsh(hessian)[-1]
+
+
+def scalar_eos_gd(u, v, lr, steps):
+    """Full-batch gradient descent on L(u, v); returns the final (u, v)."""
+    for _ in range(steps):
+        g_u, g_v = scalar_eos_grads(u, v)
+        u, v = u - lr * g_u, v - lr * g_v
+    return u, v

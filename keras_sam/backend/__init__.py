@@ -21,3 +21,9 @@ else:
     )
 
 train_step = _impl.train_step
+# Hessian-vector products and gradients of a pure function of values
+# (keras_sam.sharpness); the *_function forms compile once and are reused.
+hvp = _impl.hvp
+hvp_function = _impl.hvp_function
+value_and_grad = _impl.value_and_grad
+value_and_grad_function = _impl.value_and_grad_function

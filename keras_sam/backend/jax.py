@@ -251,3 +251,40 @@ def train_step(model, state, data):
         metrics_values,
     )
     return logs, state
+
+
+# ---------------------------------------------------------------------------
+# Hessian-vector products (keras_sam.sharpness). `fn(values, *args)` is a
+# pure scalar function of a list of arrays; nothing here touches a variable.
+
+
+def value_and_grad(fn, values, *args):
+    """`(fn(values, *args), grad fn)` with respect to the list `values`."""
+    return jax.value_and_grad(lambda w: fn(w, *args))(list(values))
+
+
+def hvp(fn, values, vectors, *args):
+    """H v, the Hessian of `fn(values, *args)` at `values` times `vectors`.
+
+    Forward over reverse: the directional derivative (jvp) of `grad fn`
+    along `v`, one forward-mode sweep through the gradient computation.
+    """
+    values = list(values)
+    vectors = [
+        jax.numpy.asarray(v, dtype=w.dtype) for v, w in zip(vectors, values)
+    ]
+    grad_fn = jax.grad(lambda w: fn(w, *args))
+    _, hv = jax.jvp(grad_fn, (values,), (vectors,))
+    return hv
+
+
+def value_and_grad_function(fn):
+    """`value_and_grad` for `fn`, compiled once (`jax.jit`) and reused."""
+    return jax.jit(lambda values, *args: value_and_grad(fn, values, *args))
+
+
+def hvp_function(fn):
+    """`hvp` for `fn`, compiled once (`jax.jit`) and reused."""
+    return jax.jit(
+        lambda values, vectors, *args: hvp(fn, values, vectors, *args)
+    )

@@ -239,3 +239,59 @@ def train_step(model, data):
     for key, value in sam.log_values().items():
         logs[key] = tf.identity(value)
     return logs
+
+
+# ---------------------------------------------------------------------------
+# Hessian-vector products (keras_sam.sharpness). `fn(values, *args)` is a
+# scalar function of a list of tensors; nothing here touches a variable.
+
+
+def _zeros_for_none(tensors, like):
+    return [tf.zeros_like(w) if t is None else t for t, w in zip(tensors, like)]
+
+
+def value_and_grad(fn, values, *args):
+    """`(fn(values, *args), grad fn)` with respect to the list `values`."""
+    values = [tf.convert_to_tensor(w) for w in values]
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        loss = fn(values, *args)
+    return loss, _zeros_for_none(tape.gradient(loss, values), values)
+
+
+def hvp(fn, values, vectors, *args):
+    """H v, the Hessian of `fn(values, *args)` at `values` times `vectors`.
+
+    Reverse over reverse with nested tapes: the inner tape gives
+    `g = grad fn`, the outer one differentiates `g . v`.
+    """
+    values = [tf.convert_to_tensor(w) for w in values]
+    with tf.GradientTape() as outer:
+        outer.watch(values)
+        with tf.GradientTape() as inner:
+            inner.watch(values)
+            loss = fn(values, *args)
+        grads = _zeros_for_none(inner.gradient(loss, values), values)
+        g_dot_v = tf.add_n(
+            [
+                tf.reduce_sum(g * tf.cast(v, g.dtype))
+                for g, v in zip(grads, vectors)
+            ]
+        )
+    return _zeros_for_none(outer.gradient(g_dot_v, values), values)
+
+
+def value_and_grad_function(fn):
+    """`value_and_grad` for `fn`, traced once (`tf.function`) and reused."""
+    return tf.function(
+        lambda values, *args: value_and_grad(fn, values, *args),
+        reduce_retracing=True,
+    )
+
+
+def hvp_function(fn):
+    """`hvp` for `fn`, traced once (`tf.function`) and reused."""
+    return tf.function(
+        lambda values, vectors, *args: hvp(fn, values, vectors, *args),
+        reduce_retracing=True,
+    )

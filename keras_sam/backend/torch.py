@@ -165,3 +165,65 @@ def train_step(model, data):
         for key, value in sam.log_values().items():
             logs[key] = keras.ops.convert_to_tensor(value).detach().clone()
     return logs
+
+
+# ---------------------------------------------------------------------------
+# Hessian-vector products (keras_sam.sharpness). `fn(values, *args)` is a
+# scalar function of a list of tensors; nothing here touches a variable.
+
+
+def _leaves(values):
+    """Detached copies of `values` that autograd differentiates against."""
+    return [
+        torch.as_tensor(w).detach().clone().requires_grad_(True) for w in values
+    ]
+
+
+def _zeros_for_none(tensors, like):
+    return [
+        torch.zeros_like(w) if t is None else t.detach()
+        for t, w in zip(tensors, like)
+    ]
+
+
+def value_and_grad(fn, values, *args):
+    """`(fn(values, *args), grad fn)` with respect to the list `values`."""
+    with torch.enable_grad():
+        values = _leaves(values)
+        loss = fn(values, *args)
+        grads = torch.autograd.grad(loss, values, allow_unused=True)
+    return loss.detach(), _zeros_for_none(grads, values)
+
+
+def hvp(fn, values, vectors, *args):
+    """H v, the Hessian of `fn(values, *args)` at `values` times `vectors`.
+
+    Double backward: `g = grad fn` is built with `create_graph=True`, then
+    `g . v` is differentiated once more.
+    """
+    with torch.enable_grad():
+        values = _leaves(values)
+        loss = fn(values, *args)
+        grads = torch.autograd.grad(
+            loss, values, create_graph=True, allow_unused=True
+        )
+        terms = [
+            torch.sum(g * torch.as_tensor(v, dtype=g.dtype))
+            for g, v in zip(grads, vectors)
+            if g is not None and g.requires_grad
+        ]
+        if not terms:
+            # The gradient does not depend on the values: H = 0.
+            return [torch.zeros_like(w) for w in values]
+        hv = torch.autograd.grad(sum(terms), values, allow_unused=True)
+    return _zeros_for_none(hv, values)
+
+
+def value_and_grad_function(fn):
+    """`value_and_grad` for `fn` (torch runs eagerly: nothing to compile)."""
+    return lambda values, *args: value_and_grad(fn, values, *args)
+
+
+def hvp_function(fn):
+    """`hvp` for `fn` (torch runs eagerly: nothing to compile)."""
+    return lambda values, vectors, *args: hvp(fn, values, vectors, *args)

@@ -1,0 +1,469 @@
+"""Sharpness diagnostics: HVP, top eigenvalue, trace, SAM sharpness, norms,
+the edge of stability and `SharpnessMonitor` (issue 7)."""
+
+import csv
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_sam
+from keras_sam import sharpness
+from keras_sam.callbacks import SharpnessMonitor
+from tests import reference
+
+# ---------------------------------------------------------------------------
+# Fixtures: a quadratic 0.5 w^T A w and a small tanh MLP.
+
+DIM = 12
+
+
+def _spd_matrix(seed=0, dim=DIM):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    return (q * np.linspace(0.5, 10.0, dim)) @ q.T
+
+
+def _quadratic(matrix):
+    """A model whose output on x = I is its weight vector w, and the loss
+    0.5 w^T A w (independent of the targets)."""
+    a = ops.convert_to_tensor(matrix.astype("float32"))
+
+    def loss(y_true, y_pred):
+        w = ops.reshape(y_pred, (-1,))
+        return 0.5 * ops.sum(w * ops.matmul(a, w))
+
+    dim = matrix.shape[0]
+    model = keras.Sequential(
+        [keras.Input((dim,)), keras.layers.Dense(1, use_bias=False)]
+    )
+    data = (np.eye(dim, dtype="float32"), np.zeros((dim, 1), "float32"))
+    return model, data, loss
+
+
+def _mlp(seed=0, n=20, d=3, h=5, k=2):
+    rng = np.random.default_rng(seed)
+    params = [
+        rng.normal(size=(d, h)) * 0.8,
+        rng.normal(size=(h,)) * 0.1,
+        rng.normal(size=(h, k)) * 0.8,
+        rng.normal(size=(k,)) * 0.1,
+    ]
+    x = rng.normal(size=(n, d))
+    y = rng.normal(size=(n, k))
+    model = keras.Sequential(
+        [
+            keras.Input((d,)),
+            keras.layers.Dense(h, activation="tanh"),
+            keras.layers.Dense(k),
+        ]
+    )
+    model.set_weights([p.astype("float32") for p in params])
+    model.compile(optimizer="sgd", loss="mse")
+    return model, params, x.astype("float32"), y.astype("float32")
+
+
+def _numpy(tensors):
+    return [
+        np.asarray(ops.convert_to_numpy(t), dtype=np.float64) for t in tensors
+    ]
+
+
+def _rel(a, b):
+    a, b = np.concatenate([np.ravel(t) for t in a]), np.concatenate(
+        [np.ravel(t) for t in b]
+    )
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# ---------------------------------------------------------------------------
+# Quadratics: eigenvalue and trace against numpy.
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_top_eigenvalue_of_quadratic_matches_eigvalsh(compiled):
+    matrix = _spd_matrix()
+    model, data, loss = _quadratic(matrix)
+    if compiled:
+        model.compile(loss=loss)
+        value = sharpness.top_eigenvalue(model, data)
+    else:
+        value = sharpness.top_eigenvalue(model, data, loss=loss)
+    expected = np.linalg.eigvalsh(matrix)[-1]
+    assert abs(value - expected) <= 1e-3 * expected
+
+
+def test_power_iteration_and_eigenvector():
+    matrix = _spd_matrix(seed=1)
+    model, data, loss = _quadratic(matrix)
+    hessian = sharpness.Hessian(model, data, loss=loss)
+    evals, evecs = np.linalg.eigh(matrix)
+    value = hessian.top_eigenvalue(method="power", max_iter=500, tol=1e-7)
+    assert abs(value - evals[-1]) <= 1e-3 * evals[-1]
+    value, vector = hessian.top_eigenvalue(return_eigenvector=True)
+    vector = np.ravel(_numpy(vector)[0])
+    assert abs(abs(vector @ evecs[:, -1]) - 1.0) < 1e-3
+    # Lanczos converges in at most DIM products on a DIM-dim quadratic.
+    assert hessian.num_hvps <= 500 + DIM
+
+
+def test_lanczos_finds_largest_not_largest_magnitude():
+    matrix = np.diag([-20.0, 1.0, 2.0, 5.0])
+    model, data, loss = _quadratic(matrix)
+    value = sharpness.top_eigenvalue(model, data, loss=loss)
+    assert abs(value - 5.0) < 5e-3
+
+
+def test_hessian_trace_of_quadratic():
+    matrix = _spd_matrix()
+    model, data, loss = _quadratic(matrix)
+    hessian = sharpness.Hessian(model, data, loss=loss)
+    # The default probe count is within 5% of the true trace.
+    assert abs(hessian.trace() - np.trace(matrix)) <= 0.05 * np.trace(matrix)
+    # And it is exactly Hutchinson's estimator with the seeded probes.
+    estimate = hessian.trace(num_probes=30, seed=7)
+    expected = reference.hutchinson_trace(matrix, 30, 7)
+    np.testing.assert_allclose(estimate, expected, rtol=1e-4)
+    assert hessian.trace(num_probes=30, seed=7) == estimate
+
+
+# ---------------------------------------------------------------------------
+# A small network: HVP, full-data averages, SAM sharpness, norms.
+
+
+def test_hvp_matches_finite_differences():
+    model, params, x, y = _mlp()
+    rng = np.random.default_rng(1)
+    vectors = [rng.normal(size=p.shape) for p in params]
+    hv = sharpness.hessian_vector_product(
+        model, (x, y), [v.astype("float32") for v in vectors]
+    )
+    expected = reference.mlp_hvp_fd(
+        params, x.astype(np.float64), y.astype(np.float64), vectors
+    )
+    assert _rel(_numpy(hv), expected) < 1e-3
+    # Linear in v: H (2 v) = 2 H v.
+    hv2 = sharpness.hessian_vector_product(
+        model, (x, y), [2.0 * v.astype("float32") for v in vectors]
+    )
+    assert _rel(_numpy(hv2), [2.0 * h for h in _numpy(hv)]) < 1e-5
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, size):
+        super().__init__()
+        self.x, self.y, self.size = x, y, size
+
+    def __len__(self):
+        return -(-len(self.x) // self.size)
+
+    def __getitem__(self, i):
+        s = slice(i * self.size, (i + 1) * self.size)
+        return self.x[s], self.y[s]
+
+
+def test_full_data_average_over_uneven_batches():
+    model, params, x, y = _mlp()
+    rng = np.random.default_rng(2)
+    vectors = [rng.normal(size=p.shape) for p in params]
+    expected = reference.mlp_hvp_fd(
+        params, x.astype(np.float64), y.astype(np.float64), vectors
+    )
+    vectors = [v.astype("float32") for v in vectors]
+    sources = {
+        "arrays": dict(data=(x, y), batch_size=7),  # 7, 7, 6 samples
+        "list": dict(data=[(x[i : i + 7], y[i : i + 7]) for i in (0, 7, 14)]),
+        "generator": dict(
+            data=((x[i : i + 7], y[i : i + 7]) for i in (0, 7, 14))
+        ),
+        "py_dataset": dict(data=_Batches(x, y, 7)),
+    }
+    for name, kwargs in sources.items():
+        hessian = sharpness.Hessian(model, **kwargs)
+        assert hessian.num_samples == 20, name
+        assert _rel(_numpy(hessian.hvp(vectors)), expected) < 1e-3, name
+    # `steps` reads only the first batches.
+    hessian = sharpness.Hessian(model, (x, y), batch_size=7, steps=2)
+    assert hessian.num_samples == 14
+
+
+def test_sam_sharpness_matches_reference():
+    model, params, x, y = _mlp()
+    for rho in (0.01, 0.2):
+        value = sharpness.sam_sharpness(model, (x, y), rho=rho, batch_size=6)
+        expected = reference.mlp_sam_sharpness(
+            params, x.astype(np.float64), y.astype(np.float64), rho
+        )
+        np.testing.assert_allclose(value, expected, rtol=2e-3, atol=1e-6)
+    # rho = 0: no perturbation, no sharpness.
+    assert sharpness.sam_sharpness(model, (x, y), rho=0.0) == 0.0
+    # The perturbation of a keras_sam optimizer (its own rho).
+    sam = keras_sam.optimizers.SAM("sgd", rho=0.2)
+    via_optimizer = sharpness.sam_sharpness(model, (x, y), optimizer=sam)
+    np.testing.assert_allclose(via_optimizer, expected, rtol=2e-3)
+
+
+def test_parameter_norms():
+    model, params, _, _ = _mlp()
+    norms = sharpness.parameter_norms(model)
+    flat = np.concatenate([np.ravel(p.astype("float32")) for p in params])
+    np.testing.assert_allclose(norms["l1"], np.abs(flat).sum(), rtol=1e-5)
+    np.testing.assert_allclose(norms["l2"], np.linalg.norm(flat), rtol=1e-5)
+    assert len(norms["layers"]) == 2
+    first = next(iter(norms["layers"].values()))
+    w1 = np.concatenate([np.ravel(params[0]), params[1]]).astype("float32")
+    np.testing.assert_allclose(first["l2"], np.linalg.norm(w1), rtol=1e-5)
+
+
+def test_training_mode_changes_nothing_and_is_repeatable():
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            # Seeded: torch draws unseeded dropout masks from its global
+            # generator, so only a seeded layer gives a fixed mask there.
+            keras.layers.Dropout(0.3, seed=1),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    before = [np.array(v) for v in _numpy(model.variables)]
+    hessian = sharpness.Hessian(model, (x, y), training=True)
+    first = hessian.top_eigenvalue()
+    assert first == hessian.top_eigenvalue()
+    after = _numpy(model.variables)
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(b, a)
+    # Inference mode measures a different function (moving statistics).
+    assert sharpness.top_eigenvalue(model, (x, y)) != first
+
+
+# ---------------------------------------------------------------------------
+# Edge of stability on f = (u v)^2, L = (u^2 v^2 - 1)^2 (tests/reference.py).
+
+U0, V0 = 2.0, 0.502
+
+
+def _scalar_network():
+    model = keras.Sequential(
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(1, use_bias=False),
+            keras.layers.Dense(1, use_bias=False),
+        ]
+    )
+    model.set_weights(
+        [np.array([[U0]], "float32"), np.array([[V0]], "float32")]
+    )
+
+    def loss(y_true, y_pred):
+        return ops.mean(ops.square(ops.square(y_pred) - y_true), axis=-1)
+
+    return model, loss
+
+
+def _gradient_descent(lr, epochs=3, steps=100):
+    """Full-batch GD: every sample is x = 1, y = 1, so each batch of one is
+    the full batch; `steps` GD steps per epoch."""
+    model, loss = _scalar_network()
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss)
+    probe = (np.ones((1, 1), "float32"), np.ones((1, 1), "float32"))
+    initial = sharpness.top_eigenvalue(model, probe)
+    monitor = SharpnessMonitor(probe, trace_probes=2)
+    x = np.ones((steps, 1), "float32")
+    history = model.fit(
+        x,
+        x,
+        batch_size=1,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[monitor],
+    )
+    return initial, history.history
+
+
+def test_edge_of_stability_above_critical_learning_rate():
+    initial_ref = reference.scalar_eos_sharpness(U0, V0)
+    lr = 0.1  # 2 / lr = 20 < initial sharpness ~34: unstable
+    assert 2 / lr < 0.8 * initial_ref
+    initial, history = _gradient_descent(lr)
+    np.testing.assert_allclose(initial, initial_ref, rtol=1e-3)
+    final = history["sharpness"][-1]
+    assert abs(final - 2 / lr) <= 0.1 * (2 / lr)
+    assert abs(history["eos_ratio"][-1] - final * lr / 2) < 1e-6
+    assert 0.9 <= history["eos_ratio"][-1] <= 1.1
+    # The float64 reference run lands there too.
+    u, v = reference.scalar_eos_gd(U0, V0, lr, 300)
+    assert abs(reference.scalar_eos_sharpness(u, v) - 2 / lr) <= 0.1 * 2 / lr
+    assert history["loss"][-1] < 1e-3
+
+
+def test_edge_of_stability_below_critical_learning_rate():
+    lr = 0.03  # 2 / lr = 67 > initial sharpness ~34: stable
+    initial, history = _gradient_descent(lr)
+    for value in history["sharpness"]:
+        assert abs(value - initial) <= 0.03 * initial
+    u, v = reference.scalar_eos_gd(U0, V0, lr, 300)
+    np.testing.assert_allclose(
+        history["sharpness"][-1],
+        reference.scalar_eos_sharpness(u, v),
+        rtol=2e-3,
+    )
+    assert history["eos_ratio"][-1] < 0.6
+
+
+# ---------------------------------------------------------------------------
+# SharpnessMonitor through fit.
+
+
+def test_monitor_writes_logs_through_fit(mode, tmp_path):
+    base, params, x, y = _mlp()
+    model = keras_sam.SAMModel(base)
+    lr, beta = 0.05, 0.9
+    model.compile(
+        optimizer=keras_sam.optimizers.SAM(
+            keras.optimizers.SGD(lr, momentum=beta), rho=0.05
+        ),
+        loss="mse",
+        **mode,
+    )
+    monitor = SharpnessMonitor(
+        (x, y), every_n_epochs=3, trace_probes=3, rho=0.05
+    )
+    path = os.path.join(tmp_path, "log.csv")
+    history = model.fit(
+        x,
+        y,
+        batch_size=20,
+        epochs=3,
+        verbose=0,
+        callbacks=[monitor, keras.callbacks.CSVLogger(path)],
+    )
+    logs = history.history
+    keys = (
+        "sharpness",
+        "hessian_trace",
+        "param_l1",
+        "param_l2",
+        "eos_ratio",
+        "sam_sharpness",
+    )
+    for key in keys:
+        assert len(logs[key]) == 2, key  # epochs 1 and 3
+        assert np.all(np.isfinite(logs[key])), key
+    # The last values are those of the trained weights.
+    final = sharpness.top_eigenvalue(model, (x, y))
+    np.testing.assert_allclose(logs["sharpness"][-1], final, rtol=1e-4)
+    np.testing.assert_allclose(
+        logs["param_l2"][-1], sharpness.parameter_norms(base)["l2"], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        logs["eos_ratio"][-1], final * lr / (2 * (1 + beta)), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        logs["hessian_trace"][-1],
+        sharpness.hessian_trace(model, (x, y), num_probes=3),
+        rtol=1e-4,
+    )
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [row["sharpness"] == "NA" for row in rows] == [0, 1, 0]
+    assert float(rows[-1]["sharpness"]) == pytest.approx(final, rel=1e-4)
+
+
+def test_monitor_eos_ratio_rules():
+    model, _, x, y = _mlp()
+    monitor = SharpnessMonitor((x, y), trace_probes=0)
+    monitor.set_model(model)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, nesterov=True, momentum=0.5),
+        loss="mse",
+    )
+    values = monitor.measure()
+    assert "hessian_trace" not in values
+    # Nesterov: threshold 2 (1 + beta) / ((1 + 2 beta) lr).
+    np.testing.assert_allclose(
+        values["eos_ratio"],
+        values["sharpness"] * 0.1 * 2.0 / (2 * 1.5),
+        rtol=1e-6,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+    assert "eos_ratio" not in monitor.measure()
+    monitor = SharpnessMonitor((x, y), trace_probes=0, momentum=0.0)
+    monitor.set_model(model)
+    values = monitor.measure()
+    np.testing.assert_allclose(
+        values["eos_ratio"], values["sharpness"] * 0.05, rtol=1e-6
+    )
+
+
+def test_monitor_config_round_trip():
+    monitor = SharpnessMonitor(
+        (np.ones((2, 1)), np.ones((2, 1))),
+        every_n_epochs=3,
+        method="power",
+        max_iter=7,
+        trace_probes=4,
+        rho=0.1,
+        momentum=0.9,
+        seed=5,
+    )
+    config = monitor.get_config()
+    again = SharpnessMonitor((np.ones((2, 1)), np.ones((2, 1))), **config)
+    assert again.get_config() == config
+    assert config["every_n_epochs"] == 3 and config["method"] == "power"
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+
+
+def test_empty_data_raises():
+    model, _, x, y = _mlp()
+    for data in ((x[:0], y[:0]), [], iter([])):
+        with pytest.raises(ValueError, match="`data` is empty"):
+            sharpness.top_eigenvalue(model, data)
+    with pytest.raises(ValueError, match="`data` is empty"):
+        SharpnessMonitor((x[:0], y[:0]))
+    with pytest.raises(ValueError, match="data=None"):
+        sharpness.hessian_trace(model, None)
+
+
+def test_model_without_loss_raises():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    x, y = np.ones((4, 3), "float32"), np.ones((4, 1), "float32")
+    with pytest.raises(ValueError, match="no compiled loss"):
+        sharpness.top_eigenvalue(model, (x, y))
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="no compiled loss"):
+        sharpness.hessian_trace(model, (x, y))
+    # Passing `loss=` is enough.
+    assert sharpness.top_eigenvalue(model, (x, y), loss="mse") > 0
+
+
+def test_bad_arguments_raise():
+    model, params, x, y = _mlp()
+    with pytest.raises(TypeError, match="model="):
+        sharpness.top_eigenvalue("model", (x, y))
+    with pytest.raises(ValueError, match="method='qr'"):
+        sharpness.top_eigenvalue(model, (x, y), method="qr")
+    with pytest.raises(ValueError, match="max_iter=0"):
+        sharpness.top_eigenvalue(model, (x, y), max_iter=0)
+    with pytest.raises(ValueError, match="num_probes=0"):
+        sharpness.hessian_trace(model, (x, y), num_probes=0)
+    with pytest.raises(ValueError, match="Received shapes"):
+        sharpness.hessian_vector_product(model, (x, y), [np.ones(3)])
+    with pytest.raises(ValueError, match="rho=-1"):
+        sharpness.sam_sharpness(model, (x, y), rho=-1.0)
+    with pytest.raises(ValueError, match="every_n_epochs=0"):
+        SharpnessMonitor((x, y), every_n_epochs=0)
+    unbuilt = keras.Sequential([keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="built=False"):
+        sharpness.top_eigenvalue(unbuilt, (x, y), loss="mse")
