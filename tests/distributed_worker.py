@@ -91,9 +91,7 @@ def _local_assign_probe():
         "type": type(variable.value).__name__,
         "aggregation": str(variable.value.aggregation),
         "seen_in_replica": [np.asarray(t).tolist() for t in seen],
-        "copies_after": [
-            np.asarray(c).tolist() for c in variable.value.values
-        ],
+        "copies_after": [np.asarray(c).tolist() for c in variable.value.values],
     }
 
 
@@ -107,9 +105,7 @@ def main():
     x_bad = x.copy()
     x_bad[5, 0] = np.inf
     model = _train("sam", {}, x_bad[:8], y[:8])
-    out["cases"]["non_finite"] = [
-        w.tolist() for w in sam_setup.weights(model)
-    ]
+    out["cases"]["non_finite"] = [w.tolist() for w in sam_setup.weights(model)]
     if BACKEND == "tensorflow":
         out["probe"] = _local_assign_probe()
         out["replicas"] = tf.distribute.MirroredStrategy(

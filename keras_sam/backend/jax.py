@@ -69,6 +69,15 @@ def train_step(model, state, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     sam = model.sam_optimizer
     optimizer = model.optimizer
+    if common.has_loss_scaling(sam.inner_optimizer):
+        # Its stateful apply cannot run inside a jitted stateless step.
+        raise ValueError(
+            "On JAX, wrap the sharpness-aware optimizer in the "
+            "LossScaleOptimizer, not its inner optimizer: "
+            "`LossScaleOptimizer(SAM(inner))`, which is what `compile` does "
+            "under the 'mixed_float16' policy. Received: "
+            f"{sam.__class__.__name__}(LossScaleOptimizer(...))"
+        )
     variables = model.trainable_variables
     # The step sees the global batch. Per-replica perturbation (the default
     # under keras.distribution) splits it along the data-parallel axis,
