@@ -157,6 +157,9 @@ def train_step(model, data):
         )
     variables = model.trainable_variables
     states = model.non_trainable_variables
+    if not optimizer.built:
+        # Also deferred on TF: the loss scale must exist before unscaling.
+        optimizer.build(variables)
     # Under tf.distribute this runs per replica, on the replica's part of
     # the batch: eps is per replica (m-sharpness) unless synchronized.
     parts = _split_batch(x, y, sample_weight, sam.num_batch_splits)
