@@ -6,6 +6,14 @@ from keras_sam import backend
 from keras_sam import optimizers as sam_optimizers
 
 
+def _has_loss_scale_optimizer(optimizer):
+    while optimizer is not None:
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return True
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return False
+
+
 @keras.saving.register_keras_serializable(package="keras_sam")
 class SAMModel(keras.Model):
     """Wraps a Keras model so that `fit` runs the sharpness-aware step.
@@ -110,6 +118,10 @@ class SAMModel(keras.Model):
                 f"SAMModel(rho={self.rho}) and "
                 f"{sam.__class__.__name__}(rho={sam.initial_rho})"
             )
+        if _has_loss_scale_optimizer(optimizer):
+            # The user scales the loss already (e.g. SAM(LossScaleOptimizer
+            # (...))): Keras must not wrap the whole chain a second time.
+            kwargs["auto_scale_loss"] = False
         super().compile(optimizer=optimizer, **kwargs)
 
     def compile_from_config(self, config):
