@@ -29,6 +29,22 @@ def _snapshot(variables):
     return [v.value.detach().clone() for v in variables]
 
 
+def _rng_state():
+    """torch's global generators: Keras' torch dropout draws from them when
+    the layer has no seed, so they are part of the step's random state."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _assign(variables, values):
     for v, value in zip(variables, values):
         if value is not None:
@@ -88,7 +104,7 @@ def train_step(model, data):
         # Clean passes: metrics and BatchNorm statistics come from here only.
         states_before, losses, y_preds, grads = [], [], [], []
         for (px, py, pw), _ in parts:
-            states_before.append(_snapshot(states))
+            states_before.append((_snapshot(states), _rng_state()))
             loss, y_pred, g = _loss_and_grads(model, px, py, pw, variables)
             losses.append([loss])
             y_preds.append(y_pred)
@@ -115,6 +131,7 @@ def train_step(model, data):
         if perturb:
             with torch.no_grad():
                 states_after = _snapshot(states)
+                rng_after = _rng_state()
                 w = _snapshot(variables)
             g_adv = []
             try:
@@ -127,7 +144,8 @@ def train_step(model, data):
                         _assign(
                             variables, sam.perturbed_values(g, variables, w)
                         )
-                        _assign(states, before)
+                        _assign(states, before[0])
+                        _set_rng_state(before[1])
                     g_adv.append(
                         _loss_and_grads(model, px, py, pw, variables)[2]
                     )
@@ -137,6 +155,7 @@ def train_step(model, data):
                 with torch.no_grad():
                     _assign(variables, w)
                     _assign(states, states_after)
+                    _set_rng_state(rng_after)
             with torch.no_grad():
                 g_adv = sam.pull_back(
                     common.combine(g_adv, fractions), variables, w
