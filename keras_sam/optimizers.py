@@ -660,7 +660,12 @@ class RSAM(SAM):
     a `keras_sam.manifolds.ManifoldConstraint` (see
     `keras_sam.manifolds.stiefel_kernel()`) takes that manifold. Unmatched
     variables are Euclidean. At build time every key must match a variable,
-    and every constrained variable must fit its manifold and lie on it.
+    and every constrained variable must fit its manifold and lie on it (the
+    last check needs concrete values: Keras' TensorFlow loop builds the
+    optimizer inside its first trace, so call `optimizer.build(
+    model.trainable_variables)` first to have it there too). On the plain
+    steps of `sam_every > 1` the inner optimizer gets the Euclidean
+    gradient; the retraction still keeps each variable on its manifold.
 
     Args:
         optimizer: The inner optimizer: a `keras.optimizers.Optimizer`
