@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_sam import sharpness
+from keras_sam.optimum_shift import OptimumShifting  # noqa: F401
 
 
 def _find_sgd(optimizer):

@@ -403,3 +403,65 @@ def scalar_eos_gd(u, v, lr, steps):
         g_u, g_v = scalar_eos_grads(u, v)
         u, v = u - lr * g_u, v - lr * g_v
     return u, v
+
+
+# ---------------------------------------------------------------------------
+# Optimum shifting (DESIGN section 4): minimum-norm weights with the same
+# outputs on the inputs A (n x d), solved by least squares (SVD), not by the
+# library's streamed eigen-decomposition.
+
+
+def min_norm_shift(a, kernel, bias=None, minimize="kernel"):
+    """`W'` (and `b'`) of minimum norm with `[A 1][W'; b'] = [A 1][W; b]`.
+
+    minimize="kernel": min ||W'|| (b' free): A_c W' = A_c W, A_c = A - mean,
+    b' = b + mean (W - W'). minimize="joint": min ||[W'; b']||. No bias:
+    min ||W'|| with A W' = A W.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    kernel = np.asarray(kernel, dtype=np.float64)
+    if bias is None:
+        w, *_ = np.linalg.lstsq(a, a @ kernel, rcond=None)
+        return w, None
+    bias = np.asarray(bias, dtype=np.float64)
+    if minimize == "kernel":
+        mean = a.mean(axis=0)
+        a_c = a - mean
+        w, *_ = np.linalg.lstsq(a_c, a_c @ kernel, rcond=None)
+        return w, bias + mean @ (kernel - w)
+    x = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    theta = np.concatenate([kernel, bias[None, :]], axis=0)
+    theta, *_ = np.linalg.lstsq(x, x @ theta, rcond=None)
+    return theta[:-1], theta[-1]
+
+
+def conv_patches(x, kernel_size, strides=None, dilation=None, pad_left=None):
+    """Patch matrix of a channels-last 'valid' convolution (after left pads).
+
+    Row order: (sample, output position); column order that of
+    `kernel.reshape(-1, filters)`, i.e. (kernel offsets..., input channel).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rank = len(kernel_size)
+    strides = strides or (1,) * rank
+    dilation = dilation or (1,) * rank
+    if pad_left:
+        pads = [(0, 0)] + [(p, 0) for p in pad_left] + [(0, 0)]
+        x = np.pad(x, pads)
+    spatial = x.shape[1:-1]
+    out = [
+        (s - d * (k - 1) - 1) // st + 1
+        for s, k, st, d in zip(spatial, kernel_size, strides, dilation)
+    ]
+    rows = []
+    for sample in x:
+        for pos in np.ndindex(*out):
+            patch = []
+            for offset in np.ndindex(*kernel_size):
+                idx = tuple(
+                    p * st + o * d
+                    for p, o, st, d in zip(pos, offset, strides, dilation)
+                )
+                patch.append(sample[idx])
+            rows.append(np.concatenate(patch))
+    return np.array(rows)
