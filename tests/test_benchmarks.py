@@ -1,0 +1,97 @@
+"""Smoke tests of the benchmark scripts, so that they cannot rot.
+
+Runs both scripts' `main` on tiny settings and checks the CIFAR-10 loader of
+`benchmarks/accuracy.py` on tensorflow-datasets' mock data (no download).
+"""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def _load(name):
+    path = os.path.join(BENCHMARKS, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_time_main_tiny(tmp_path):
+    step_time = _load("step_time")
+    out = tmp_path / "step_time.json"
+    report = step_time.main(
+        ["--model", "tiny", "--batch-size", "4", "--steps", "5",
+         "--warmup", "1", "--out", str(out)]
+    )
+    methods = [r["method"] for r in report["results"]]
+    assert methods == list(step_time.method_table())
+    assert methods[:3] == ["plain", "sam", "asam"]
+    for r in report["results"]:
+        assert r["median_step_s"] > 0 and np.isfinite(r["ratio"])
+        assert r["steps"] == 5
+    plain = report["results"][0]
+    assert plain["ratio"] == 1.0
+    if report["environment"]["backend"] == "jax":
+        # XLA's memory analysis: available on CPU too.
+        assert plain["memory_bytes"] > plain["weights_bytes"]
+    saved = json.loads(out.read_text())
+    assert saved["markdown"] == report["markdown"]
+    assert "| tiny | sam |" in report["markdown"]
+
+
+def test_step_time_sam_every_window():
+    step_time = _load("step_time")
+    assert step_time.method_table()["sam_every5"][0] == 5
+
+
+def test_accuracy_main_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    accuracy = _load("accuracy")
+    report = accuracy.main(
+        ["--quick", "--noise", "0.2", "--out", str(tmp_path)]
+    )
+    methods = list(accuracy.method_table())
+    assert [r["method"] for r in report["runs"]] == methods
+    for r in report["runs"]:
+        assert 0.0 <= r["accuracy"] <= 1.0
+    for name in ("accuracy.md", "accuracy.json", "accuracy.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| sam |" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_label_noise_is_symmetric():
+    accuracy = _load("accuracy")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 20000).astype("int32")
+    noisy = accuracy.add_label_noise(y, 0.4, 10, rng)
+    flipped = noisy != y
+    assert abs(flipped.mean() - 0.4) < 0.02
+    # Flipped labels are spread evenly over the other classes.
+    counts = np.bincount((noisy[flipped] - y[flipped]) % 10, minlength=10)
+    assert counts[0] == 0
+    assert counts[1:].min() > 0.8 * counts[1:].mean()
+    assert np.array_equal(accuracy.add_label_noise(y, 0.0, 10, rng), y)
+
+
+def test_cifar10_loader_on_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    accuracy = _load("accuracy")
+    with tfds.testing.mock_data(
+        num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE
+    ):
+        (x_train, y_train), (x_test, y_test) = accuracy.load_cifar10()
+        train, val, test = accuracy.make_splits("cifar10", 0.4, seed=0)
+    for x, y in ((x_train, y_train), (x_test, y_test)):
+        assert x.shape == (20, 32, 32, 3) and x.dtype == np.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert y.shape == (20,) and y.dtype == np.int32
+        assert 0 <= y.min() and y.max() < 10
+    assert len(train[0]) == 18 and len(val[0]) == 2
+    assert np.array_equal(test[1], y_test)
