@@ -1,0 +1,531 @@
+"""Learned perturbation radius (LETS): rho learned by a bilevel hypergradient.
+
+The lower level is the sharpness-aware step; the upper level chooses rho so
+that the generalization gap after the step is small (DESIGN section 3):
+
+```
+F(rho)  = 1/2 * (L_val(w_{t+1}(rho)) - L_train(w_{t+1}(rho)))^2
+dF/drho = gap * (grad L_val(w_{t+1}) - grad L_train(w_{t+1})) . dw_{t+1}/drho
+dw_{t+1}/drho ~= -lr * H(w_t) g_hat ~= -lr * (g_adv - g) / rho
+```
+
+The clean pass of step t+1 already gives the train loss and gradient at
+`w_{t+1}`; the only extra work is one validation forward/backward on each
+step that updates rho. Everything is written in `keras.ops`; the backend's
+train step runs the passes and calls the optimizer's hooks, which delegate
+here.
+"""
+
+import math
+import numbers
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+# Adam-style normalization of the log-rho step.
+_BETA_1 = 0.9
+_BETA_2 = 0.999
+_EPSILON = 1e-12
+
+
+def _check_positive_float(name, value, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be a float. Received: {name}={value!r} of type "
+            f"{type(value).__name__}"
+        )
+    bad = value < 0 if allow_zero else value <= 0
+    if not math.isfinite(value) or bad:
+        relation = ">= 0" if allow_zero else "> 0"
+        raise ValueError(
+            f"`{name}` must be a finite float {relation}. "
+            f"Received: {name}={value}"
+        )
+    return float(value)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
+        )
+    if value < 1:
+        raise ValueError(
+            f"`{name}` must be an integer >= 1. Received: {name}={value}"
+        )
+    return int(value)
+
+
+def _to_numpy(value):
+    if value is None:
+        return None
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError):
+        return ops.convert_to_numpy(value)
+
+
+def _split_batch(batch, where):
+    """`(x, y)` or `(x, y, sample_weight)` -> `(x, y, sample_weight)`."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ValueError(
+            "`validation_data` must be `(x, y)` or `(x, y, sample_weight)`, "
+            "or a dataset of such batches. Received: "
+            f"{where}={type(batch).__name__}"
+            + (
+                f" of length {len(batch)}"
+                if isinstance(batch, (tuple, list))
+                else ""
+            )
+        )
+    x, y = batch[0], batch[1]
+    sample_weight = batch[2] if len(batch) == 3 else None
+    if x is None or y is None:
+        raise ValueError(
+            "`validation_data` needs both inputs and targets. Received: "
+            f"x={'None' if x is None else 'given'}, "
+            f"y={'None' if y is None else 'given'}"
+        )
+    return x, y, sample_weight
+
+
+def _concatenate(batches):
+    """Concatenates a list of `(x, y, sample_weight)` batches along axis 0."""
+
+    def join(*parts):
+        if parts[0] is None:
+            return None
+        return np.concatenate(parts, axis=0)
+
+    try:
+        return keras.tree.map_structure(join, *batches)
+    except (ValueError, TypeError) as e:
+        shapes = [
+            keras.tree.map_structure(
+                lambda a: None if a is None else a.shape, b
+            )
+            for b in batches[:3]
+        ]
+        raise ValueError(
+            "The batches of `validation_data` have mismatched structures or "
+            "shapes and cannot be joined. Received (first batches): "
+            f"{shapes}"
+        ) from e
+
+
+def _validation_arrays(validation_data):
+    """Normalizes `validation_data` to numpy `(x, y, sample_weight)`."""
+    if validation_data is None:
+        raise ValueError(
+            "`validation_data` is required: LearnedRadius learns rho from "
+            "the gap between validation and training loss. Pass "
+            "`validation_data=(x_val, y_val)` or a batched `tf.data.Dataset`."
+            " Received: validation_data=None"
+        )
+    if isinstance(validation_data, (tuple, list)):
+        batch = _split_batch(validation_data, "validation_data")
+        batch = keras.tree.map_structure(_to_numpy, batch)
+    elif isinstance(validation_data, (dict, np.ndarray)) or not hasattr(
+        validation_data, "__iter__"
+    ):
+        raise TypeError(
+            "`validation_data` must be `(x, y)`, `(x, y, sample_weight)` or "
+            "an iterable of such batches (e.g. a batched `tf.data.Dataset`)."
+            f" Received: validation_data of type "
+            f"{type(validation_data).__name__}"
+        )
+    else:
+        if hasattr(validation_data, "as_numpy_iterator"):
+            iterator = validation_data.as_numpy_iterator()
+        else:
+            iterator = iter(validation_data)
+        batches = [
+            keras.tree.map_structure(
+                _to_numpy, _split_batch(b, "validation_data batch")
+            )
+            for b in iterator
+        ]
+        if not batches:
+            raise ValueError(
+                "`validation_data` is empty: the dataset yielded no batches. "
+                "Received: validation_data with 0 batches"
+            )
+        batch = _concatenate(batches)
+
+    x, y, sample_weight = batch
+    sizes = {}
+    for name, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+        for leaf in keras.tree.flatten(part):
+            if leaf is None:
+                continue
+            if leaf.ndim == 0:
+                raise ValueError(
+                    f"Every array of `validation_data` needs a leading "
+                    f"sample axis. Received: {name} of shape {leaf.shape}"
+                )
+            sizes.setdefault(name, leaf.shape[0])
+            if leaf.shape[0] != sizes[name]:
+                raise ValueError(
+                    f"The arrays of `validation_data` {name} have different "
+                    f"numbers of samples. Received: {name} shapes "
+                    f"{[a.shape for a in keras.tree.flatten(part)]}"
+                )
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            "`validation_data` x, y (and sample_weight) must have the same "
+            "number of samples. Received: "
+            + ", ".join(f"{k} with {v} samples" for k, v in sizes.items())
+        )
+    if sizes["x"] == 0:
+        raise ValueError(
+            "`validation_data` is empty. Received: x with 0 samples"
+        )
+
+    def to_floatx(a):
+        if a is not None and np.issubdtype(a.dtype, np.floating):
+            return a.astype(keras.config.floatx())
+        return a
+
+    return keras.tree.map_structure(to_floatx, batch), sizes["x"]
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class LearnedRadius:
+    """A perturbation radius learned from held-out data (LETS).
+
+    Pass it as `rho` to a sharpness-aware optimizer. rho then follows a
+    hypergradient that shrinks the squared generalization gap measured right
+    after each step (the one-step unroll of a bilevel problem):
+
+    ```
+    gap     = L_val(w_t) - L_train(w_t)          # after the step from w_{t-1}
+    dw/drho = -lr * (g_adv - g) / rho            # stored at step t-1
+    dF/drho = gap * (grad L_val(w_t) - grad L_train(w_t)) . dw/drho
+    d       = rho * dF/drho                      # gradient w.r.t. log rho
+    m, v    = Adam moments of d                  # controller state
+    rho     = clip(rho * exp(-learning_rate * m_hat / sqrt(v_hat)), bounds)
+    ```
+
+    `lr` is the inner optimizer's current learning rate, so the unroll is
+    exact for plain and heavy-ball SGD and approximate for adaptive
+    optimizers. The log-rho step is normalized by the running RMS of the
+    hypergradient, so `learning_rate` is roughly how much log rho may move
+    per update whatever the scale of the loss. The train loss and gradient
+    at `w_t` come from the clean pass of step t; each update costs one
+    validation forward/backward on a batch drawn, inside the compiled step,
+    from the data given here (cycled through in a fixed shuffled order).
+
+    The state (rho on the optimizer, the finite difference `dw/drho`, the
+    moments, the last gap and hypergradient) lives in non-trainable
+    optimizer variables: it is saved and restored with the model. The
+    validation data is not saved: a restored radius keeps rho fixed (and
+    warns) until it is given data again with `set_validation_data`.
+
+    `logs` carry `rho`, `gap` (the last measured gap), `rho_grad` (the last
+    hypergradient dF/drho) and `rho_momentum` (the first moment `m`).
+
+    Args:
+        initial: Float > 0, the starting radius (within `bounds`).
+            Defaults to `0.05`.
+        learning_rate: Float >= 0, the step size on log rho. `0` keeps rho
+            at `initial` (plain SAM). Defaults to `0.01`.
+        validation_data: Held-out data, given once: `(x, y)`,
+            `(x, y, sample_weight)` of arrays, or a batched
+            `tf.data.Dataset` (or other iterable) yielding such tuples,
+            which is read into memory once. Required.
+        update_every: Integer >= 1. Update rho (and run the validation
+            pass) every `update_every` steps. Defaults to `1`.
+        bounds: Tuple `(min, max)` with `0 < min <= initial <= max`; rho
+            is clipped to it. Defaults to `(1e-4, 10.0)`.
+        batch_size: Integer >= 1, validation samples per update (all of
+            them if there are fewer). Defaults to `32`.
+        seed: Optional integer for the shuffled order of validation
+            samples. Defaults to `None` (numpy's global generator).
+
+    Example:
+
+    >>> radius = keras_sam.LearnedRadius(
+    ...     initial=0.05, learning_rate=0.01, validation_data=(x_val, y_val))
+    >>> model = keras_sam.SAMModel(base)
+    >>> model.compile(
+    ...     optimizer=keras_sam.optimizers.SAM(
+    ...         keras.optimizers.SGD(0.1), rho=radius),
+    ...     loss="sparse_categorical_crossentropy")
+    >>> history = model.fit(x, y, epochs=5)
+    >>> history.history["rho"]
+
+    References:
+        - Wang, Jiang, Fu, Zhang, Enhancing Sharpness-Aware Minimization by
+          Learning Perturbation Radius, ECML-PKDD 2024.
+    """
+
+    def __init__(
+        self,
+        initial=0.05,
+        learning_rate=0.01,
+        validation_data=None,
+        update_every=1,
+        bounds=(1e-4, 10.0),
+        batch_size=32,
+        seed=None,
+    ):
+        self._configure(
+            initial, learning_rate, update_every, bounds, batch_size, seed
+        )
+        self.set_validation_data(validation_data)
+
+    def _configure(
+        self, initial, learning_rate, update_every, bounds, batch_size, seed
+    ):
+        self.initial = _check_positive_float("initial", initial)
+        self.learning_rate = _check_positive_float(
+            "learning_rate", learning_rate, allow_zero=True
+        )
+        self.update_every = _check_positive_int("update_every", update_every)
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise ValueError(
+                "`bounds` must be a pair `(min, max)`. "
+                f"Received: bounds={bounds!r}"
+            )
+        low = _check_positive_float("bounds[0]", bounds[0])
+        high = _check_positive_float("bounds[1]", bounds[1])
+        if not low <= self.initial <= high:
+            raise ValueError(
+                "`bounds` must satisfy min <= initial <= max. Received: "
+                f"bounds={tuple(bounds)!r}, initial={self.initial}"
+            )
+        self.bounds = (low, high)
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+        ):
+            raise TypeError(
+                f"`seed` must be an integer or None. Received: seed={seed!r}"
+            )
+        self.seed = seed
+        self._data = None
+        self._num_samples = 0
+        self._optimizer = None
+
+    def set_validation_data(self, validation_data):
+        """Reads `validation_data` into memory (shuffled once).
+
+        Call it before the first `fit`: a compiled step keeps the data it
+        was traced with (else call `model.make_train_function(force=True)`).
+        """
+        arrays, n = _validation_arrays(validation_data)
+        if self.seed is None:
+            order = np.random.permutation(n)
+        else:
+            order = np.random.default_rng(self.seed).permutation(n)
+        arrays = keras.tree.map_structure(
+            lambda a: None if a is None else ops.convert_to_tensor(a[order]),
+            arrays,
+        )
+        self._data = arrays
+        self._num_samples = n
+
+    # ---- state, created through the optimizer ----
+
+    def build(self, optimizer, var_list):
+        """Creates the radius' variables as `optimizer` variables."""
+        if self._optimizer is optimizer:
+            return
+        if self._optimizer is not None:
+            raise ValueError(
+                "A LearnedRadius serves one optimizer; create one per "
+                "optimizer. Received: a second optimizer "
+                f"{optimizer.name!r}"
+            )
+        self._optimizer = optimizer
+
+        def scalar(name, value=0.0):
+            return optimizer.add_variable(
+                shape=(),
+                initializer=keras.initializers.Constant(value),
+                dtype="float32",
+                aggregation="only_first_replica",
+                name=name,
+            )
+
+        # dw_{t+1}/drho from the last adversarial pass, and whether it is
+        # fresh (set by the adversarial pass, used by the next clean pass).
+        self.dw_drho = [
+            optimizer.add_variable_from_reference(v, name="lets_dw_drho")
+            for v in var_list
+        ]
+        self.fresh = scalar("lets_fresh")
+        self.gap = scalar("lets_gap")
+        self.rho_grad = scalar("lets_rho_grad")
+        self.momentum = scalar("lets_momentum")
+        self.velocity = scalar("lets_velocity")
+        self.updates = scalar("lets_updates")
+
+    # ---- hooks (called by the optimizer's hooks inside the step) ----
+
+    def auxiliary_due(self, optimizer):
+        """Boolean tensor: does this step update rho?"""
+        step = optimizer.iterations
+        return ops.logical_and(
+            ops.equal(ops.mod(step, self.update_every), 0),
+            ops.greater(step, 0),
+        )
+
+    def auxiliary_batches(self, optimizer):
+        """The validation batch of this step, chosen from the step counter."""
+        if self._data is None:
+            # Restored from a config (which holds no data): rho stays fixed
+            # until `set_validation_data` is called.
+            warnings.warn(
+                "This LearnedRadius has no validation data (it was restored "
+                "from a saved config, which does not hold data), so rho "
+                "stays at its current value. Call "
+                "`optimizer.radius.set_validation_data((x_val, y_val))` and "
+                "`model.make_train_function(force=True)` to learn it again.",
+                stacklevel=2,
+            )
+            return []
+        x, y, sample_weight = self._data
+        n = self._num_samples
+        if self.batch_size >= n:
+            return [(x, y, sample_weight)]
+        # Consecutive windows of the shuffled data, one per update.
+        update = ops.floor_divide(
+            ops.cast(optimizer.iterations, "int32"), self.update_every
+        )
+        start = ops.mod(
+            ops.multiply(ops.mod(update, n), self.batch_size % n), n
+        )
+        index = ops.mod(ops.add(start, ops.arange(self.batch_size)), n)
+        return [
+            keras.tree.map_structure(
+                lambda a: None if a is None else ops.take(a, index, axis=0),
+                (x, y, sample_weight),
+            )
+        ]
+
+    def on_clean_pass(self, optimizer, loss, grads, auxiliary):
+        """Hypergradient at w_t, then the log-rho step (update steps only)."""
+        if not auxiliary:
+            # No validation data: rho stays fixed.
+            self.fresh.assign(ops.zeros(()))
+            return
+        val_loss, val_grads = auxiliary[0]
+        gap = ops.subtract(
+            ops.cast(val_loss, "float32"), ops.cast(loss, "float32")
+        )
+        # (grad L_val - grad L_train) . dw/drho, global over all variables.
+        dots = [
+            ops.sum(
+                ops.multiply(
+                    ops.subtract(
+                        ops.cast(gv, "float32"), ops.cast(g, "float32")
+                    ),
+                    ops.cast(dw, "float32"),
+                )
+            )
+            for g, gv, dw in zip(grads, val_grads, self.dw_drho)
+            if g is not None and gv is not None
+        ]
+        dot = ops.sum(ops.stack(dots)) if dots else ops.zeros(())
+        rho_grad = ops.multiply(gap, dot)
+        rho = ops.cast(optimizer.rho, "float32")
+        d = ops.multiply(rho_grad, rho)  # dF/d(log rho)
+        update = ops.logical_and(
+            ops.logical_and(
+                self.auxiliary_due(optimizer),
+                ops.greater(ops.convert_to_tensor(self.fresh), 0.5),
+            ),
+            ops.isfinite(d),
+        )
+        d = ops.where(update, d, 0.0)
+
+        count = ops.add(ops.convert_to_tensor(self.updates), 1.0)
+        m = ops.add(
+            ops.multiply(_BETA_1, ops.convert_to_tensor(self.momentum)),
+            (1 - _BETA_1) * d,
+        )
+        v = ops.add(
+            ops.multiply(_BETA_2, ops.convert_to_tensor(self.velocity)),
+            (1 - _BETA_2) * ops.square(d),
+        )
+        m_hat = ops.divide(m, ops.subtract(1.0, ops.power(_BETA_1, count)))
+        v_hat = ops.divide(v, ops.subtract(1.0, ops.power(_BETA_2, count)))
+        step = ops.multiply(
+            self.learning_rate,
+            ops.divide(m_hat, ops.add(ops.sqrt(v_hat), _EPSILON)),
+        )
+        # Multiplicative in rho: learning_rate = 0 leaves rho bit-exact.
+        new_rho = ops.clip(
+            ops.multiply(rho, ops.exp(ops.negative(step))),
+            self.bounds[0],
+            self.bounds[1],
+        )
+
+        def keep(new, variable):
+            return ops.where(update, new, ops.convert_to_tensor(variable))
+
+        optimizer.rho.assign(ops.cast(keep(new_rho, rho), "float32"))
+        self.momentum.assign(keep(m, self.momentum))
+        self.velocity.assign(keep(v, self.velocity))
+        self.updates.assign(keep(count, self.updates))
+        self.gap.assign(keep(gap, self.gap))
+        self.rho_grad.assign(keep(rho_grad, self.rho_grad))
+        # dw/drho refers to the last step only.
+        self.fresh.assign(ops.zeros(()))
+
+    def on_adversarial_pass(self, optimizer, grads, grads_adv):
+        """Stores dw_{t+1}/drho ~= -lr * (g_adv - g) / rho."""
+        lr = ops.cast(optimizer.inner_optimizer.learning_rate, "float32")
+        rho = ops.cast(optimizer.rho, "float32")
+        scale = ops.divide(ops.negative(lr), rho)
+        for dw, g, g_adv in zip(self.dw_drho, grads, grads_adv):
+            if g is None or g_adv is None:
+                dw.assign(ops.zeros_like(dw))
+                continue
+            difference = ops.subtract(
+                ops.cast(g_adv, "float32"), ops.cast(g, "float32")
+            )
+            dw.assign(ops.cast(ops.multiply(difference, scale), dw.dtype))
+        self.fresh.assign(ops.ones(()))
+
+    def log_values(self):
+        return {
+            "gap": self.gap,
+            "rho_grad": self.rho_grad,
+            "rho_momentum": self.momentum,
+        }
+
+    # ---- config ----
+
+    def get_config(self):
+        """The constructor arguments except `validation_data` (not saved)."""
+        return {
+            "initial": self.initial,
+            "learning_rate": self.learning_rate,
+            "update_every": self.update_every,
+            "bounds": list(self.bounds),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuilds the radius without data; see `set_validation_data`."""
+        config = dict(config)
+        validation_data = config.pop("validation_data", None)
+        radius = cls.__new__(cls)
+        radius._configure(**config)
+        if validation_data is not None:
+            radius.set_validation_data(validation_data)
+        return radius
+
+    def __repr__(self):
+        return (
+            f"LearnedRadius(initial={self.initial}, "
+            f"learning_rate={self.learning_rate}, "
+            f"update_every={self.update_every}, bounds={self.bounds}, "
+            f"batch_size={self.batch_size}, samples={self._num_samples})"
+        )
