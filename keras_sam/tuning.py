@@ -245,18 +245,20 @@ class SAMHyperModel(keras_tuner.HyperModel):
 
     ```
     variant = hp.Choice("variant", variants)
-    rho     = hp.Float("rho", lo, hi, sampling="log")   # range per variant
+    rho     = hp.Float(f"rho_{variant}", lo, hi, sampling="log")
     model   = SAMModel(build_model(hp))
     model.compile(optimizer=Variant(inner_optimizer, rho=rho), ...)
     ```
 
     If the built model is compiled, its loss, metrics and other compile
     arguments are reused and its optimizer becomes the inner optimizer;
-    arguments given here take precedence. Each `rho` hyperparameter is
-    conditional on its variant, so the ranges may differ; an unconditional
-    `"rho"` that the user registers first (for example `hp.Fixed("rho",
-    0.1)` in the `hyperparameters` of a tuner) replaces them. A trial whose
-    `rho` is 0 trains with exactly the inner optimizer.
+    arguments given here take precedence. Each `rho_<variant>` is
+    conditional on its variant, so the ranges may differ (`get_rho` reads
+    the one in use); an unconditional `"rho"` that the user registers first
+    (for example `hp.Fixed("rho", 0.1)` in the `hyperparameters` of a
+    tuner) replaces them all. A trial whose rho is 0 trains with exactly
+    the inner optimizer; `search_rho` runs that baseline first, a stock
+    Keras-Tuner tuner only if its search proposes it.
 
     Args:
         build_model: A function that returns a `keras.Model`, taking the

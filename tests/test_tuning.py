@@ -413,3 +413,33 @@ def test_import_keras_sam_does_not_import_keras_tuner():
         "assert 'keras_tuner' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_learned_radius_variant(tmp_path):
+    radius = pytest.importorskip("keras_sam.radius")
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("variant", "lets")
+    tuner = _search(
+        tmp_path,
+        "random",
+        max_trials=2,
+        variants=("sam", "lets"),
+        hyperparameters=hp,
+    )
+    baseline, trial = _trials(tuner)
+    assert [baseline.status, trial.status] == ["COMPLETED"] * 2
+    assert baseline.hyperparameters.values == {
+        "variant": "lets",
+        "rho_lets": 0.0,
+        "units": 4,
+    }
+    assert baseline.metrics.get_last_value("rho") == 0.0
+    initial = tuning.get_rho(trial.hyperparameters)
+    lo, hi = tuning.DEFAULT_RHO_RANGES["lets"]
+    assert lo <= initial <= hi
+    model = tuner.load_model(trial)
+    assert isinstance(model.sam_optimizer.radius, radius.LearnedRadius)
+    assert model.sam_optimizer.radius.initial == pytest.approx(initial)
+    # rho was learned during the trial, on search_rho's validation data.
+    learned = trial.metrics.get_last_value("rho")
+    assert abs(learned - initial) > 1e-6
