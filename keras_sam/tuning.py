@@ -24,6 +24,7 @@ import keras
 import keras_tuner
 
 from keras_sam import optimizers as sam_optimizers
+from keras_sam.radius import LearnedRadius
 from keras_sam.sam_model import SAMModel
 
 VARIANT = "variant"
@@ -57,13 +58,6 @@ _COMPILE_ARGS = (
     "steps_per_execution",
     "jit_compile",
 )
-
-
-def _learned_radius_class():
-    # Imported on use: the learned radius lives in its own module.
-    from keras_sam import radius
-
-    return radius.LearnedRadius
 
 
 def _check_variants(variants):
@@ -458,7 +452,7 @@ class SAMHyperModel(keras_tuner.HyperModel):
                 # A learned radius cannot start at 0; rho = 0 is the
                 # baseline, which is SAM with rho = 0 (the inner optimizer).
                 return sam_optimizers.SAM(inner, rho=0.0)
-            learned_radius = _learned_radius_class()(
+            learned_radius = LearnedRadius(
                 initial=rho, validation_data=self.validation_data
             )
             return sam_optimizers.SAM(inner, rho=learned_radius)

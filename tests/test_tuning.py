@@ -13,6 +13,7 @@ keras_tuner = pytest.importorskip("keras_tuner")
 
 from keras_sam import optimizers  # noqa: E402
 from keras_sam import tuning  # noqa: E402
+from keras_sam.radius import LearnedRadius  # noqa: E402
 from keras_sam.sam_model import SAMModel  # noqa: E402
 
 LOSS = "sparse_categorical_crossentropy"
@@ -416,7 +417,6 @@ def test_import_keras_sam_does_not_import_keras_tuner():
 
 
 def test_learned_radius_variant(tmp_path):
-    radius = pytest.importorskip("keras_sam.radius")
     hp = keras_tuner.HyperParameters()
     hp.Fixed("variant", "lets")
     tuner = _search(
@@ -438,7 +438,7 @@ def test_learned_radius_variant(tmp_path):
     lo, hi = tuning.DEFAULT_RHO_RANGES["lets"]
     assert lo <= initial <= hi
     model = tuner.load_model(trial)
-    assert isinstance(model.sam_optimizer.radius, radius.LearnedRadius)
+    assert isinstance(model.sam_optimizer.radius, LearnedRadius)
     assert model.sam_optimizer.radius.initial == pytest.approx(initial)
     # rho was learned during the trial, on search_rho's validation data.
     learned = trial.metrics.get_last_value("rho")
