@@ -378,7 +378,8 @@ class Hessian:
         for weight, (_, x, y, sample_weight) in zip(self.weights, self.batches):
             value, g = self._value_and_grad(values, states, x, y, sample_weight)
             loss += weight * float(ops.convert_to_numpy(value))
-            g = [ops.multiply(gi, weight) for gi in g]
+            if weight != 1.0:
+                g = [ops.multiply(gi, weight) for gi in g]
             grads = g if grads is None else list(map(ops.add, grads, g))
         return loss, grads
 
@@ -403,7 +404,8 @@ class Hessian:
         result = None
         for weight, (_, x, y, sample_weight) in zip(self.weights, self.batches):
             hv = self._hvp(values, vectors, states, x, y, sample_weight)
-            hv = [ops.multiply(h, weight) for h in hv]
+            if weight != 1.0:
+                hv = [ops.multiply(h, weight) for h in hv]
             result = hv if result is None else list(map(ops.add, result, hv))
         return result
 
@@ -439,9 +441,10 @@ class Hessian:
         Lanczos (default) builds an orthonormal Krylov basis `q_1..q_k` with
         `H Q_k = Q_k T_k + beta_k q_{k+1} e_k^T` (full reorthogonalization)
         and returns the largest eigenvalue `theta` of the tridiagonal `T_k`;
-        it stops when the Ritz residual `||H y - theta y|| = beta_k |s_k|`
-        is at most `tol * |theta|` (then some eigenvalue lies within that
-        distance of `theta`). Power iteration repeats `v <- H v / ||H v||`
+        it stops when the error bound `min(r, r^2 / gap)` is at most
+        `tol * |theta|`, with the Ritz residual `r = ||H y - theta y|| =
+        beta_k |s_k|` and `gap` the distance from `theta` to the next Ritz
+        value. Power iteration repeats `v <- H v / ||H v||`
         and stops when `v . H v` changes by at most `tol` relative; it finds
         the eigenvalue of largest magnitude and converges more slowly.
 
@@ -544,6 +547,12 @@ class Hessian:
         return self.loss(adversarial) - loss
 
 
+def _project_rows(basis, w):
+    """`Q^T (Q w)` for orthonormal rows Q, as two plain matrix products."""
+    coefficients = ops.matmul(basis, ops.expand_dims(w, 1))  # (k, 1)
+    return ops.matmul(ops.transpose(coefficients), basis)[0]
+
+
 def _lanczos(matvec, start, max_iter, tol):
     """Largest Ritz pair of `matvec` by Lanczos with reorthogonalization."""
     q = ops.divide(start, _norm(start))
@@ -559,21 +568,32 @@ def _lanczos(matvec, start, max_iter, tol):
         w = ops.subtract(w, ops.multiply(q, alpha))
         if betas:
             w = ops.subtract(w, ops.multiply(basis[-2], betas[-1]))
+        # Full reorthogonalization against Q_k, repeated when it cancels
+        # much of w ("twice is enough"): keeps Q_k orthonormal in float32.
+        norm = _norm(w)
         for _ in range(2):
-            w = ops.subtract(w, ops.matmul(ops.matmul(basis, w), basis))
-        beta = _norm(w)
+            w = ops.subtract(w, _project_rows(basis, w))
+            beta = _norm(w)
+            if beta > 0.7 * norm:
+                break
+            norm = beta
         tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         eigenvalues, eigenvectors = np.linalg.eigh(tridiagonal)
         theta, ritz = float(eigenvalues[-1]), eigenvectors[:, -1]
-        # ||H y - theta y|| for the Ritz vector y = Q_k^T s.
+        # r = ||H y - theta y|| for the Ritz vector y = Q_k^T s bounds the
+        # error by r, and by r^2 / gap with the gap to the next Ritz value.
         residual = beta * abs(ritz[-1])
-        if residual <= tol * abs(theta) or beta <= _NORM_EPSILON:
+        error = residual
+        if len(eigenvalues) > 1 and theta > eigenvalues[-2]:
+            error = min(residual, residual**2 / (theta - eigenvalues[-2]))
+        if error <= tol * abs(theta) or beta <= _NORM_EPSILON:
             break
         betas.append(beta)
         q = ops.divide(w, beta)
         basis = ops.concatenate([basis, ops.expand_dims(q, 0)], axis=0)
-    ritz = ops.convert_to_tensor(ritz.astype("float32"))
-    return theta, ops.matmul(ritz, basis)
+    # Without convergence the basis holds one vector more than T_k.
+    ritz = ops.convert_to_tensor(ritz.astype("float32")[None, :])
+    return theta, ops.matmul(ritz, basis[: len(alphas)])[0]
 
 
 def _power_iteration(matvec, start, max_iter, tol):

@@ -109,6 +109,20 @@ def test_power_iteration_and_eigenvector():
     assert hessian.num_hvps <= 500 + DIM
 
 
+def test_lanczos_stopped_early_gives_a_lower_bound():
+    matrix = _spd_matrix()
+    model, data, loss = _quadratic(matrix)
+    hessian = sharpness.Hessian(model, data, loss=loss)
+    value, vector = hessian.top_eigenvalue(max_iter=3, return_eigenvector=True)
+    assert hessian.num_hvps == 3
+    # A Ritz value of a 3-dim Krylov space: between the Rayleigh quotient of
+    # its unit Ritz vector (equal) and the top eigenvalue (below).
+    v = np.ravel(_numpy(vector)[0])
+    np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(v @ matrix @ v, value, rtol=1e-4)
+    assert value <= np.linalg.eigvalsh(matrix)[-1] + 1e-4
+
+
 def test_lanczos_finds_largest_not_largest_magnitude():
     matrix = np.diag([-20.0, 1.0, 2.0, 5.0])
     model, data, loss = _quadratic(matrix)

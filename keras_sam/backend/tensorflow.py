@@ -94,50 +94,6 @@ def _sync(grads):
     return [None if g is None else next(reduced) for g in grads]
 
 
-def _apply(optimizer, grads, variables):
-    """`optimizer.apply`, skipping the step when a gradient is not finite.
-
-    A `LossScaleOptimizer` in the chain does the check itself (and lowers its
-    scale); otherwise the step is skipped here, leaving the weights and the
-    optimizer's state untouched. Under a strategy the replicas' checks are
-    combined and the branch taken in cross-replica context, since a branch
-    in replica context may not call `merge_call`.
-    """
-    if common.has_loss_scaling(optimizer):
-        optimizer.apply(grads, variables)
-        return
-    if (
-        not tf.distribute.has_strategy()
-        or tf.__internal__.distribute.strategy_supports_no_merge_call()
-    ):
-        tf.cond(
-            common.all_finite(grads),
-            lambda: optimizer.apply(grads, variables),
-            lambda: None,
-        )
-        return
-
-    def cross_replica(strategy, grads):
-        # Every replica's check, read here without a collective.
-        finite = strategy.extended.call_for_each_replica(
-            common.all_finite, args=(grads,)
-        )
-        finite = tf.reduce_all(
-            tf.stack(strategy.experimental_local_results(finite))
-        )
-
-        def apply():
-            strategy.extended.call_for_each_replica(
-                optimizer.apply, args=(grads, variables)
-            )
-
-        tf.cond(finite, apply, lambda: None)
-
-    tf.distribute.get_replica_context().merge_call(
-        cross_replica, args=(grads,)
-    )
-
-
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     sam = model.sam_optimizer
@@ -218,11 +174,13 @@ def train_step(model, data):
                 sam_optimizers.unscale_gradients(optimizer, g_adv),
                 variables,
             )
-            # A non-finite clean pass hands its own gradient on, so that
-            # the step is skipped even if eps happened to be finite.
-            g_adv = common.select(
-                common.all_finite(g_unscaled), g_adv, g_clean
-            )
+            if common.has_loss_scaling(optimizer):
+                # A non-finite clean pass hands its own gradient on, so that
+                # the LossScaleOptimizer skips the step even if eps happened
+                # to be finite.
+                g_adv = common.select(
+                    common.all_finite(g_unscaled), g_adv, g_clean
+                )
             return [g_adv[i] for i in present]
 
         if sam.sam_every == 1:
@@ -236,7 +194,9 @@ def train_step(model, data):
         final = [None] * len(g_clean)
         for i, g in zip(present, chosen):
             final[i] = g
-        _apply(optimizer, final, variables)
+        # With loss scaling, the LossScaleOptimizer skips a non-finite step
+        # (weights and state untouched); without it, as in plain Keras.
+        optimizer.apply(final, variables)
 
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     for key, value in sam.log_values().items():

@@ -165,19 +165,19 @@ def train_step(model, data):
                     sam_optimizers.unscale_gradients(optimizer, g_adv),
                     variables,
                 )
-                # A non-finite clean pass hands its own gradient on, so that
-                # the step is skipped even if eps happened to be finite.
-                final = common.select(
-                    common.all_finite(g_unscaled), g_adv, g_clean
-                )
+                final = g_adv
+                if common.has_loss_scaling(optimizer):
+                    # A non-finite clean pass hands its own gradient on, so
+                    # that the LossScaleOptimizer skips the step even if eps
+                    # happened to be finite.
+                    final = common.select(
+                        common.all_finite(g_unscaled), g_adv, g_clean
+                    )
 
         with torch.no_grad():
-            # A LossScaleOptimizer skips a non-finite step itself; without
-            # one the step is skipped here (weights and state untouched).
-            if common.has_loss_scaling(optimizer) or bool(
-                common.all_finite(final)
-            ):
-                optimizer.apply(final, variables)
+            # With loss scaling, the LossScaleOptimizer skips a non-finite
+            # step (weights and state untouched); without it, as in Keras.
+            optimizer.apply(final, variables)
 
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     with torch.no_grad():
