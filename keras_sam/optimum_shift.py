@@ -9,6 +9,7 @@ trace) without changing a single prediction on the calibration data.
 
 import dataclasses
 import math
+import numbers
 import warnings
 
 import keras
@@ -414,6 +415,8 @@ class _Hook:
 
     def __enter__(self):
         original = self.layer.call
+        # An instance attribute `call` (rare) is put back on exit.
+        self.own = self.layer.__dict__.get("call")
         fn = self.fn
 
         def call(*args, **kwargs):
@@ -427,6 +430,8 @@ class _Hook:
 
     def __exit__(self, *exc):
         del self.layer.call
+        if self.own is not None:
+            self.layer.call = self.own
         return False
 
 
@@ -694,7 +699,7 @@ def _check_args(model, tolerance, inplace, rtol, minimize, batch_size, dim):
             "or give it an `Input`. Received an unbuilt model: "
             f"{model.name!r}"
         )
-    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+    if not (isinstance(tolerance, numbers.Real) and tolerance > 0):
         raise ValueError(
             f"`tolerance` must be a number > 0. Received: tolerance={tolerance}"
         )
@@ -702,7 +707,7 @@ def _check_args(model, tolerance, inplace, rtol, minimize, batch_size, dim):
         raise TypeError(
             f"`inplace` must be True or False. Received: inplace={inplace!r}"
         )
-    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+    if not (isinstance(rtol, numbers.Real) and 0 < rtol < 1):
         raise ValueError(f"`rtol` must be in (0, 1). Received: rtol={rtol}")
     if minimize not in _MINIMIZE:
         raise ValueError(
@@ -710,7 +715,7 @@ def _check_args(model, tolerance, inplace, rtol, minimize, batch_size, dim):
             f"minimize={minimize!r}"
         )
     for name, value in (("batch_size", batch_size), ("max_dim", dim)):
-        if not (isinstance(value, int) and value > 0):
+        if not (isinstance(value, numbers.Integral) and value > 0):
             raise ValueError(
                 f"`{name}` must be a positive integer. Received: "
                 f"{name}={value!r}"
@@ -760,7 +765,12 @@ def _ordered_layers(model, x):
     for hook in hooks:
         hook.__enter__()
     try:
-        _forward(model, x)
+        model(x, training=False)
+    except Exception as e:
+        raise ValueError(
+            f"The model could not be run on `data`: {e}. Received x of "
+            f"shape {[np.shape(a) for a in keras.tree.flatten(x)]}"
+        ) from e
     finally:
         for hook in hooks:
             hook.__exit__()
@@ -771,13 +781,7 @@ def _ordered_layers(model, x):
 
 
 def _forward(model, x):
-    try:
-        return model(x, training=False)
-    except Exception as e:
-        raise ValueError(
-            f"The model could not be run on `data`: {e}. Received x of "
-            f"shape {[np.shape(a) for a in keras.tree.flatten(x)]}"
-        ) from e
+    return model(x, training=False)  # inference mode
 
 
 def _select(candidates, layers, max_dim):
@@ -1069,7 +1073,7 @@ class OptimumShifting(keras.callbacks.Callback):
             ("every_n_epochs", every_n_epochs),
             ("batch_size", batch_size),
         ):
-            if not (isinstance(value, int) and value > 0):
+            if not (isinstance(value, numbers.Integral) and value > 0):
                 raise ValueError(
                     f"`{name}` must be a positive integer. Received: "
                     f"{name}={value!r}"

@@ -235,6 +235,25 @@ def test_wide_layer_small_batch_strict_decrease():
     )
 
 
+def test_dense_on_sequences_uses_every_position():
+    model = keras.Sequential([keras.Input((3, 8)), Dense(16)])
+    _set_random_weights(model)
+    x = np.random.default_rng(6).normal(size=(2, 3, 8)).astype("float32")
+    kernel, bias = (_np(w) for w in model.layers[0].weights)
+    y_before = keras.ops.convert_to_numpy(model(x))
+
+    report = keras_sam.optimum_shift(model, x)
+
+    row = report.layers[0]
+    assert (row.samples, row.input_rank, row.input_dim) == (6, 5, 8)
+    want_kernel, _ = reference.min_norm_shift(x.reshape(6, 8), kernel, bias)
+    np.testing.assert_allclose(
+        _np(model.layers[0].kernel), want_kernel, atol=2e-6
+    )
+    y_after = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(y_after, y_before, atol=1e-5)
+
+
 def test_full_span_leaves_layer_unchanged():
     model = keras.Sequential([keras.Input((6,)), Dense(4)])
     _set_random_weights(model)
@@ -458,7 +477,7 @@ def test_callback_during_fit():
 )
 def test_export_after_shift_serves_the_shifted_model(tmp_path):
     tf = pytest.importorskip("tensorflow")
-    model = _mlp()
+    model = keras_sam.SAMModel(_mlp())
     x = _x(24, 20)
     report = keras_sam.optimum_shift(model, x)
     assert report.shifted
