@@ -14,6 +14,9 @@ from tests.conftest import MODES
 D_IN, D_HIDDEN = 4, 6
 LR = 0.1
 RHO = 0.05
+# Tests that are not about execution modes run eagerly: no compilation,
+# which dominates the time of these few-step runs.
+EAGER = MODES["eager"]
 
 
 def _params(seed=0):
@@ -146,7 +149,7 @@ def test_first_controller_step_matches_reference():
         bounds=(1e-3, 1.0),
     )
     model = keras_sam.SAMModel(_mlp(params))
-    model.compile(optimizer=_optimizer("sam", radius), loss="mse")
+    model.compile(optimizer=_optimizer("sam", radius), loss="mse", **EAGER)
     logs = _BatchLogs()
     _fit(model, np.concatenate([x, x]), np.concatenate([y, y]), 16, [logs])
 
@@ -206,7 +209,9 @@ def test_rho_stays_positive_finite_and_within_bounds():
         batch_size=8,
     )
     model = keras_sam.SAMModel(_mlp(_params()))
-    model.compile(optimizer=_optimizer("sam", radius, lr=0.3), loss="mse")
+    model.compile(
+        optimizer=_optimizer("sam", radius, lr=0.3), loss="mse", **EAGER
+    )
     logs = _BatchLogs()
     model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[logs])
     rhos = np.array([entry["rho"] for entry in logs.logs])
@@ -230,7 +235,7 @@ def test_update_every_changes_rho_only_on_update_steps():
         batch_size=8,
     )
     model = keras_sam.SAMModel(_mlp(_params()))
-    model.compile(optimizer=_optimizer("sam", radius), loss="mse")
+    model.compile(optimizer=_optimizer("sam", radius), loss="mse", **EAGER)
     logs = _BatchLogs()
     _fit(model, x, y, 8, [logs])
     rhos = [np.float32(RHO)] + [entry["rho"] for entry in logs.logs]
@@ -252,7 +257,7 @@ def test_sam_every_updates_only_after_a_sharpness_aware_step():
         keras.optimizers.SGD(LR), rho=radius, sam_every=2
     )
     model = keras_sam.SAMModel(_mlp(_params()))
-    model.compile(optimizer=optimizer, loss="mse")
+    model.compile(optimizer=optimizer, loss="mse", **EAGER)
     logs = _BatchLogs()
     _fit(model, x, y, 8, [logs])
     rhos = [np.float32(RHO)] + [entry["rho"] for entry in logs.logs]
@@ -330,6 +335,7 @@ def test_save_and_load_restore_radius_state(tmp_path):
             keras.optimizers.SGD(0.1, momentum=0.9), rho=radius
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **EAGER,
     )
     model.fit(x, y, batch_size=32, epochs=2, verbose=0)
     path = str(tmp_path / "lets.keras")
@@ -412,7 +418,7 @@ def test_tf_dataset_gives_the_same_run_as_arrays():
             seed=0,
         )
         model = keras_sam.SAMModel(_mlp(_params()))
-        model.compile(optimizer=_optimizer("sam", radius), loss="mse")
+        model.compile(optimizer=_optimizer("sam", radius), loss="mse", **EAGER)
         logs = _BatchLogs()
         _fit(model, x, y, 8, [logs])
         histories.append([(e["rho"], e["gap"]) for e in logs.logs])
@@ -432,7 +438,7 @@ def test_sample_weight_in_validation_data():
             batch_size=64,
         )
         model = keras_sam.SAMModel(_mlp(_params()))
-        model.compile(optimizer=_optimizer("sam", radius), loss="mse")
+        model.compile(optimizer=_optimizer("sam", radius), loss="mse", **EAGER)
         _fit(model, np.concatenate([x, x]), np.concatenate([y, y]), 16)
         gaps.append(float(radius.gap.numpy()))
     assert gaps[0] != pytest.approx(gaps[1], rel=1e-3)
