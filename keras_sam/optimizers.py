@@ -25,6 +25,7 @@ import keras
 from keras import ops
 
 from keras_sam import manifolds as sam_manifolds
+from keras_sam.radius import LearnedRadius
 
 _NORM_EPSILON = 1e-12
 
@@ -187,7 +188,11 @@ class SAM(keras.optimizers.Optimizer):
     ):
         super().__init__(learning_rate=0.0, name=name or self._default_name())
         self.inner_optimizer = _get_inner(optimizer)
-        self.initial_rho = _check_rho(rho)
+        # A LearnedRadius drives the `rho` variable through the step hooks.
+        self.radius = rho if isinstance(rho, LearnedRadius) else None
+        self.initial_rho = _check_rho(
+            rho if self.radius is None else self.radius.initial
+        )
         self.sam_every = _check_positive_int("sam_every", sam_every)
         self.sync_perturbation, self.num_batch_splits = _check_splits(
             sync_perturbation, num_batch_splits
@@ -210,6 +215,8 @@ class SAM(keras.optimizers.Optimizer):
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        if self.radius is not None:
+            self.radius.build(self, var_list)
 
     @property
     def variables(self):
@@ -337,17 +344,37 @@ class SAM(keras.optimizers.Optimizer):
         in inference mode (`training=False`, no state updates) and hands
         them to `on_clean_pass`. Defaults to none.
         """
+        if self.radius is not None:
+            return self.radius.auxiliary_batches(self)
         return []
+
+    def auxiliary_due(self):
+        """Whether this step runs the auxiliary passes: `True` or a boolean
+        tensor. When false the step skips them and hands zeros to
+        `on_clean_pass`. Defaults to `True`.
+        """
+        if self.radius is not None:
+            return self.radius.auxiliary_due(self)
+        return True
 
     def on_clean_pass(self, loss, grads, trainable_variables, auxiliary):
         """After the clean pass: `auxiliary` is a list of `(loss, grads)`."""
+        if self.radius is not None:
+            if not self.built:
+                self.build(list(trainable_variables))
+            self.radius.on_clean_pass(self, loss, grads, auxiliary)
 
     def on_adversarial_pass(self, grads, grads_adv, trainable_variables):
         """After the adversarial pass, before the update (SAM steps only)."""
+        if self.radius is not None:
+            self.radius.on_adversarial_pass(self, grads, grads_adv)
 
     def log_values(self):
         """Scalars the step writes into `logs` (read after the update)."""
-        return {"rho": self.rho}
+        values = {"rho": self.rho}
+        if self.radius is not None:
+            values.update(self.radius.log_values())
+        return values
 
     # ---- the three hooks that tell the variants apart ----
 
@@ -374,7 +401,11 @@ class SAM(keras.optimizers.Optimizer):
             "optimizer": keras.saving.serialize_keras_object(
                 self.inner_optimizer
             ),
-            "rho": self.initial_rho,
+            "rho": (
+                self.initial_rho
+                if self.radius is None
+                else keras.saving.serialize_keras_object(self.radius)
+            ),
             "sam_every": self.sam_every,
             "sync_perturbation": self.sync_perturbation,
             "num_batch_splits": self.num_batch_splits,
@@ -386,6 +417,10 @@ class SAM(keras.optimizers.Optimizer):
         config["optimizer"] = keras.saving.deserialize_keras_object(
             config["optimizer"], custom_objects=custom_objects
         )
+        if isinstance(config.get("rho"), dict):
+            config["rho"] = keras.saving.deserialize_keras_object(
+                config["rho"], custom_objects=custom_objects
+            )
         return cls(**config)
 
 

@@ -97,126 +97,6 @@ def train_sam(
 
 
 # ---------------------------------------------------------------------------
-# RSAM (DESIGN section 2): manifolds, metrics and one Riemannian SAM step.
-# A kernel on Stiefel is the matrix of shape (fan_in, units) = (prod of all
-# axes but the last, last axis); the sphere is over the whole variable.
-
-
-def _as_matrix(w):
-    return w.reshape(-1, w.shape[-1])
-
-
-def qf(a):
-    """Q of a thin QR with the diagonal of R made positive."""
-    q, r = np.linalg.qr(a)
-    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
-
-
-def stiefel_project(u, v):
-    """P_U(V) = V - U sym(U^T V)."""
-    um, vm = _as_matrix(u), _as_matrix(v)
-    utv = um.T @ vm
-    return (vm - um @ (0.5 * (utv + utv.T))).reshape(v.shape)
-
-
-def stiefel_retract(u, step):
-    """R_U(u) = qf(U + u)."""
-    return qf(_as_matrix(u + step)).reshape(u.shape)
-
-
-def sphere_project(w, v):
-    """P_w(v) = v - (w.v / |w|^2) w."""
-    return v - (np.sum(w * v) / np.sum(w * w)) * w
-
-
-def sphere_retract(w, u):
-    """R_w(u) = |w| (w + u) / |w + u|."""
-    return np.linalg.norm(w) * (w + u) / np.linalg.norm(w + u)
-
-
-RSAM_PROJECT = {
-    "euclidean": lambda w, v: v,
-    "sphere": sphere_project,
-    "stiefel": stiefel_project,
-}
-RSAM_RETRACT = {
-    "euclidean": lambda w, u: w + u,
-    "sphere": sphere_retract,
-    "stiefel": stiefel_retract,
-}
-
-
-def rsam_metric(params, grads, metric, weight_like, eta, fisher, damping):
-    """Diagonal metric D per variable: 1, T^-2 (adaptive) or EMA(g^2)+damping.
-
-    `fisher` is `(ema, weight)` with the debiased EMA `ema / weight`.
-    """
-    if metric == "identity":
-        return [np.ones_like(w) for w in params]
-    if metric == "adaptive":
-        return [
-            (np.abs(w) + eta) ** -2.0 if wl else np.ones_like(w)
-            for w, wl in zip(params, weight_like)
-        ]
-    ema, weight = fisher
-    return [f / weight + damping for f in ema]
-
-
-def fisher_update(fisher, grads, decay):
-    """EMA of g^2 and its total weight 1 - decay^t (start: zeros, 0)."""
-    ema, weight = fisher
-    ema = [decay * f + (1 - decay) * g**2 for f, g in zip(ema, grads)]
-    return ema, decay * weight + (1 - decay)
-
-
-def rsam_eps(params, grads, manifolds, rho, d):
-    """eps = rho xi / (||xi||_D + 1e-12), xi = P_w(D^-1 g)."""
-    xi = [
-        RSAM_PROJECT[m](w, g / dd)
-        for w, g, dd, m in zip(params, grads, d, manifolds)
-    ]
-    norm = np.sqrt(sum(np.sum(x * dd * x) for x, dd in zip(xi, d)))
-    return [rho * x / (norm + EPS) for x in xi]
-
-
-def train_rsam(
-    params,
-    batches,
-    loss_and_grads,
-    manifolds,
-    rho,
-    lr,
-    metric="identity",
-    eta=0.01,
-    weight_like=None,
-    damping=1e-3,
-    decay=0.95,
-):
-    """RSAM with plain SGD over `batches`; returns the final parameters.
-
-    Per step: g at w; eps in the tangent space at w; g_adv at R_w(eps),
-    projected onto the tangent space at w; w = R_w(-lr P_w(g_adv)).
-    """
-    params = [np.array(p, dtype=np.float64) for p in params]
-    fisher = ([np.zeros_like(p) for p in params], 0.0)
-    for x, y in batches:
-        _, g = loss_and_grads(params, x, y)
-        if metric == "fisher":
-            fisher = fisher_update(fisher, g, decay)
-        d = rsam_metric(params, g, metric, weight_like, eta, fisher, damping)
-        eps = rsam_eps(params, g, manifolds, rho, d)
-        w_adv = [
-            RSAM_RETRACT[m](w, e) for w, e, m in zip(params, eps, manifolds)
-        ]
-        _, g_adv = loss_and_grads(w_adv, x, y)
-        params = [
-            RSAM_RETRACT[m](w, -lr * RSAM_PROJECT[m](w, ga))
-            for w, ga, m in zip(params, g_adv, manifolds)
-        ]
-    return params
-
-
-# ---------------------------------------------------------------------------
 # m-sharpness, gradient accumulation and clipping (issue 9).
 #
 # A batch is split into contiguous sub-batches B_j of near-equal sizes n_j
@@ -339,6 +219,68 @@ def train_sam_general(
 
 
 # ---------------------------------------------------------------------------
+# Optimum shifting (DESIGN section 4): minimum-norm weights with the same
+# outputs on the inputs A (n x d), solved by least squares (SVD), not by the
+# library's streamed eigen-decomposition.
+
+
+def min_norm_shift(a, kernel, bias=None, minimize="kernel"):
+    """`W'` (and `b'`) of minimum norm with `[A 1][W'; b'] = [A 1][W; b]`.
+
+    minimize="kernel": min ||W'|| (b' free): A_c W' = A_c W, A_c = A - mean,
+    b' = b + mean (W - W'). minimize="joint": min ||[W'; b']||. No bias:
+    min ||W'|| with A W' = A W.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    kernel = np.asarray(kernel, dtype=np.float64)
+    if bias is None:
+        w, *_ = np.linalg.lstsq(a, a @ kernel, rcond=None)
+        return w, None
+    bias = np.asarray(bias, dtype=np.float64)
+    if minimize == "kernel":
+        mean = a.mean(axis=0)
+        a_c = a - mean
+        w, *_ = np.linalg.lstsq(a_c, a_c @ kernel, rcond=None)
+        return w, bias + mean @ (kernel - w)
+    x = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    theta = np.concatenate([kernel, bias[None, :]], axis=0)
+    theta, *_ = np.linalg.lstsq(x, x @ theta, rcond=None)
+    return theta[:-1], theta[-1]
+
+
+def conv_patches(x, kernel_size, strides=None, dilation=None, pad_left=None):
+    """Patch matrix of a channels-last 'valid' convolution (after left pads).
+
+    Row order: (sample, output position); column order that of
+    `kernel.reshape(-1, filters)`, i.e. (kernel offsets..., input channel).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rank = len(kernel_size)
+    strides = strides or (1,) * rank
+    dilation = dilation or (1,) * rank
+    if pad_left:
+        pads = [(0, 0)] + [(p, 0) for p in pad_left] + [(0, 0)]
+        x = np.pad(x, pads)
+    spatial = x.shape[1:-1]
+    out = [
+        (s - d * (k - 1) - 1) // st + 1
+        for s, k, st, d in zip(spatial, kernel_size, strides, dilation)
+    ]
+    rows = []
+    for sample in x:
+        for pos in np.ndindex(*out):
+            patch = []
+            for offset in np.ndindex(*kernel_size):
+                idx = tuple(
+                    p * st + o * d
+                    for p, o, st, d in zip(pos, offset, strides, dilation)
+                )
+                patch.append(sample[idx])
+            rows.append(np.concatenate(patch))
+    return np.array(rows)
+
+
+# ---------------------------------------------------------------------------
 # Sharpness diagnostics (DESIGN section 5, issue 7).
 
 
@@ -406,62 +348,175 @@ def scalar_eos_gd(u, v, lr, steps):
 
 
 # ---------------------------------------------------------------------------
-# Optimum shifting (DESIGN section 4): minimum-norm weights with the same
-# outputs on the inputs A (n x d), solved by least squares (SVD), not by the
-# library's streamed eigen-decomposition.
+# Learned radius, LETS (DESIGN section 3): one SAM/ASAM step with plain SGD
+# from w_t, then the squared generalization gap at w_{t+1}.
 
 
-def min_norm_shift(a, kernel, bias=None, minimize="kernel"):
-    """`W'` (and `b'`) of minimum norm with `[A 1][W'; b'] = [A 1][W; b]`.
-
-    minimize="kernel": min ||W'|| (b' free): A_c W' = A_c W, A_c = A - mean,
-    b' = b + mean (W - W'). minimize="joint": min ||[W'; b']||. No bias:
-    min ||W'|| with A W' = A W.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    kernel = np.asarray(kernel, dtype=np.float64)
-    if bias is None:
-        w, *_ = np.linalg.lstsq(a, a @ kernel, rcond=None)
-        return w, None
-    bias = np.asarray(bias, dtype=np.float64)
-    if minimize == "kernel":
-        mean = a.mean(axis=0)
-        a_c = a - mean
-        w, *_ = np.linalg.lstsq(a_c, a_c @ kernel, rcond=None)
-        return w, bias + mean @ (kernel - w)
-    x = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
-    theta = np.concatenate([kernel, bias[None, :]], axis=0)
-    theta, *_ = np.linalg.lstsq(x, x @ theta, rcond=None)
-    return theta[:-1], theta[-1]
+def lets_step(params, x, y, rho, lr, loss_and_grads, eps_fn):
+    """w_{t+1}(rho) and (g, g_adv) at w_t; `eps_fn(params, g, rho)`."""
+    _, g = loss_and_grads(params, x, y)
+    eps = eps_fn(params, g, rho)
+    _, g_adv = loss_and_grads([p + e for p, e in zip(params, eps)], x, y)
+    return [p - lr * ga for p, ga in zip(params, g_adv)], g, g_adv
 
 
-def conv_patches(x, kernel_size, strides=None, dilation=None, pad_left=None):
-    """Patch matrix of a channels-last 'valid' convolution (after left pads).
+def lets_objective(params, x, y, xv, yv, rho, lr, loss_and_grads, eps_fn):
+    """F(rho) = 1/2 (L_val(w_{t+1}) - L_train(w_{t+1}))^2."""
+    w1, _, _ = lets_step(params, x, y, rho, lr, loss_and_grads, eps_fn)
+    gap = loss_and_grads(w1, xv, yv)[0] - loss_and_grads(w1, x, y)[0]
+    return 0.5 * gap**2
 
-    Row order: (sample, output position); column order that of
-    `kernel.reshape(-1, filters)`, i.e. (kernel offsets..., input channel).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    rank = len(kernel_size)
-    strides = strides or (1,) * rank
-    dilation = dilation or (1,) * rank
-    if pad_left:
-        pads = [(0, 0)] + [(p, 0) for p in pad_left] + [(0, 0)]
-        x = np.pad(x, pads)
-    spatial = x.shape[1:-1]
-    out = [
-        (s - d * (k - 1) - 1) // st + 1
-        for s, k, st, d in zip(spatial, kernel_size, strides, dilation)
+
+def lets_hypergradient_fd(
+    params, x, y, xv, yv, rho, lr, loss_and_grads, eps_fn, h=1e-5
+):
+    """dF/drho by central differences of the true objective."""
+    f = [
+        lets_objective(params, x, y, xv, yv, r, lr, loss_and_grads, eps_fn)
+        for r in (rho + h, rho - h)
     ]
-    rows = []
-    for sample in x:
-        for pos in np.ndindex(*out):
-            patch = []
-            for offset in np.ndindex(*kernel_size):
-                idx = tuple(
-                    p * st + o * d
-                    for p, o, st, d in zip(pos, offset, strides, dilation)
-                )
-                patch.append(sample[idx])
-            rows.append(np.concatenate(patch))
-    return np.array(rows)
+    return (f[0] - f[1]) / (2 * h)
+
+
+def lets_hypergradient(params, x, y, xv, yv, rho, lr, loss_and_grads, eps_fn):
+    """The one-step approximation: gap (g_val - g_train) . dw/drho with
+    dw/drho = -lr (g_adv - g) / rho. Returns (dF/drho, gap)."""
+    w1, g, g_adv = lets_step(params, x, y, rho, lr, loss_and_grads, eps_fn)
+    dw = [-lr * (ga - g0) / rho for ga, g0 in zip(g_adv, g)]
+    loss_v, g_v = loss_and_grads(w1, xv, yv)
+    loss_t, g_t = loss_and_grads(w1, x, y)
+    gap = loss_v - loss_t
+    dot = sum(np.sum((a - b) * d) for a, b, d in zip(g_v, g_t, dw))
+    return gap * dot, gap
+
+
+def lets_controller(rho, rho_grad, m, v, count, lr, bounds, b1=0.9, b2=0.999):
+    """One Adam step on log rho with d = rho dF/drho; returns (rho, m, v)."""
+    d = rho * rho_grad
+    count = count + 1
+    m = b1 * m + (1 - b1) * d
+    v = b2 * v + (1 - b2) * d**2
+    m_hat = m / (1 - b1**count)
+    v_hat = v / (1 - b2**count)
+    step = lr * m_hat / (np.sqrt(v_hat) + 1e-12)
+    return float(np.clip(rho * np.exp(-step), *bounds)), m, v
+
+
+# ---------------------------------------------------------------------------
+# RSAM (DESIGN section 2): manifolds, metrics and one Riemannian SAM step.
+# A kernel on Stiefel is the matrix of shape (fan_in, units) = (prod of all
+# axes but the last, last axis); the sphere is over the whole variable.
+
+
+def _as_matrix(w):
+    return w.reshape(-1, w.shape[-1])
+
+
+def qf(a):
+    """Q of a thin QR with the diagonal of R made positive."""
+    q, r = np.linalg.qr(a)
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+def stiefel_project(u, v):
+    """P_U(V) = V - U sym(U^T V)."""
+    um, vm = _as_matrix(u), _as_matrix(v)
+    utv = um.T @ vm
+    return (vm - um @ (0.5 * (utv + utv.T))).reshape(v.shape)
+
+
+def stiefel_retract(u, step):
+    """R_U(u) = qf(U + u)."""
+    return qf(_as_matrix(u + step)).reshape(u.shape)
+
+
+def sphere_project(w, v):
+    """P_w(v) = v - (w.v / |w|^2) w."""
+    return v - (np.sum(w * v) / np.sum(w * w)) * w
+
+
+def sphere_retract(w, u):
+    """R_w(u) = |w| (w + u) / |w + u|."""
+    return np.linalg.norm(w) * (w + u) / np.linalg.norm(w + u)
+
+
+RSAM_PROJECT = {
+    "euclidean": lambda w, v: v,
+    "sphere": sphere_project,
+    "stiefel": stiefel_project,
+}
+RSAM_RETRACT = {
+    "euclidean": lambda w, u: w + u,
+    "sphere": sphere_retract,
+    "stiefel": stiefel_retract,
+}
+
+
+def rsam_metric(params, grads, metric, weight_like, eta, fisher, damping):
+    """Diagonal metric D per variable: 1, T^-2 (adaptive) or EMA(g^2)+damping.
+
+    `fisher` is `(ema, weight)` with the debiased EMA `ema / weight`.
+    """
+    if metric == "identity":
+        return [np.ones_like(w) for w in params]
+    if metric == "adaptive":
+        return [
+            (np.abs(w) + eta) ** -2.0 if wl else np.ones_like(w)
+            for w, wl in zip(params, weight_like)
+        ]
+    ema, weight = fisher
+    return [f / weight + damping for f in ema]
+
+
+def fisher_update(fisher, grads, decay):
+    """EMA of g^2 and its total weight 1 - decay^t (start: zeros, 0)."""
+    ema, weight = fisher
+    ema = [decay * f + (1 - decay) * g**2 for f, g in zip(ema, grads)]
+    return ema, decay * weight + (1 - decay)
+
+
+def rsam_eps(params, grads, manifolds, rho, d):
+    """eps = rho xi / (||xi||_D + 1e-12), xi = P_w(D^-1 g)."""
+    xi = [
+        RSAM_PROJECT[m](w, g / dd)
+        for w, g, dd, m in zip(params, grads, d, manifolds)
+    ]
+    norm = np.sqrt(sum(np.sum(x * dd * x) for x, dd in zip(xi, d)))
+    return [rho * x / (norm + EPS) for x in xi]
+
+
+def train_rsam(
+    params,
+    batches,
+    loss_and_grads,
+    manifolds,
+    rho,
+    lr,
+    metric="identity",
+    eta=0.01,
+    weight_like=None,
+    damping=1e-3,
+    decay=0.95,
+):
+    """RSAM with plain SGD over `batches`; returns the final parameters.
+
+    Per step: g at w; eps in the tangent space at w; g_adv at R_w(eps),
+    projected onto the tangent space at w; w = R_w(-lr P_w(g_adv)).
+    """
+    params = [np.array(p, dtype=np.float64) for p in params]
+    fisher = ([np.zeros_like(p) for p in params], 0.0)
+    for x, y in batches:
+        _, g = loss_and_grads(params, x, y)
+        if metric == "fisher":
+            fisher = fisher_update(fisher, g, decay)
+        d = rsam_metric(params, g, metric, weight_like, eta, fisher, damping)
+        eps = rsam_eps(params, g, manifolds, rho, d)
+        w_adv = [
+            RSAM_RETRACT[m](w, e) for w, e, m in zip(params, eps, manifolds)
+        ]
+        _, g_adv = loss_and_grads(w_adv, x, y)
+        params = [
+            RSAM_RETRACT[m](w, -lr * RSAM_PROJECT[m](w, ga))
+            for w, ga, m in zip(params, g_adv, manifolds)
+        ]
+    return params

@@ -197,8 +197,11 @@ def train_step(model, state, data):
                     sam_optimizers.unscale_gradients(optimizer, g),
                     variables,
                 )
+                if not common.has_loss_scaling(optimizer):
+                    return g
                 # A non-finite clean pass hands its own gradient on, so that
-                # the step is skipped even if eps happened to be finite.
+                # the LossScaleOptimizer skips the step even if eps happened
+                # to be finite.
                 return common.select(
                     common.all_finite(g_unscaled), g, g_clean
                 )
@@ -220,22 +223,11 @@ def train_step(model, state, data):
                 optimizer_values,
             )
 
-        def apply(values):
-            return optimizer.stateless_apply(values[1], grads, values[0])
-
-        if common.has_loss_scaling(optimizer):
-            # The LossScaleOptimizer skips a non-finite step itself.
-            trainable_values, optimizer_values = apply(
-                (trainable_values, optimizer_values)
-            )
-        else:
-            # Skip a non-finite step: weights and optimizer state untouched.
-            trainable_values, optimizer_values = jax.lax.cond(
-                common.all_finite(grads),
-                apply,
-                lambda values: values,
-                (trainable_values, optimizer_values),
-            )
+        # With loss scaling, the LossScaleOptimizer skips a non-finite step
+        # (weights and state untouched); without it, as in plain Keras.
+        trainable_values, optimizer_values = optimizer.stateless_apply(
+            optimizer_values, grads, trainable_values
+        )
 
     metrics_mapping = list(zip(model.metrics_variables, metrics_values))
     with keras.StatelessScope(state_mapping=metrics_mapping) as scope:

@@ -42,14 +42,28 @@ def _batch_size(x):
 
 
 def _auxiliary(model, sam, variables):
-    """Loss and gradient of the optimizer's auxiliary batches at w."""
-    results = []
-    for ax, ay, aw in sam.auxiliary_batches():
-        loss, _, grads = _loss_and_grads(
-            model, ax, ay, aw, variables, training=False
-        )
-        results.append((loss, grads))
-    return results
+    """Loss and gradient of the optimizer's auxiliary batches at w; zeros,
+    without running the passes, when `sam.auxiliary_due()` is false."""
+    batches = sam.auxiliary_batches()
+
+    def passes():
+        results = []
+        for ax, ay, aw in batches:
+            loss, _, grads = _loss_and_grads(
+                model, ax, ay, aw, variables, training=False
+            )
+            grads = _zeros_for_none(grads, [v.value for v in variables])
+            results.append((tf.cast(loss, "float32"), grads))
+        return results
+
+    due = sam.auxiliary_due()
+    if not batches or due is True:
+        return passes()
+    zeros = [
+        (tf.zeros((), "float32"), [tf.zeros_like(v.value) for v in variables])
+        for _ in batches
+    ]
+    return tf.cond(due, passes, lambda: zeros)
 
 
 def _split_batch(x, y, sample_weight, num_splits):

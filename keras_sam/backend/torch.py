@@ -56,9 +56,14 @@ def _batch_size(x):
 
 
 def _auxiliary(model, sam, variables):
-    """Loss and gradient of the optimizer's auxiliary batches at w."""
+    """Loss and gradient of the optimizer's auxiliary batches at w; zeros,
+    without running the passes, when `sam.auxiliary_due()` is false."""
+    batches = sam.auxiliary_batches()
+    if not bool(sam.auxiliary_due()):
+        zeros = [torch.zeros_like(v.value) for v in variables]
+        return [(torch.zeros(()), zeros) for _ in batches]
     results = []
-    for ax, ay, aw in sam.auxiliary_batches():
+    for ax, ay, aw in batches:
         loss, _, grads = _loss_and_grads(
             model, ax, ay, aw, variables, training=False
         )
