@@ -123,6 +123,10 @@ class SAMModel(keras.Model):
             # (...))): Keras must not wrap the whole chain a second time.
             kwargs["auto_scale_loss"] = False
         super().compile(optimizer=optimizer, **kwargs)
+        if self.built and self.trainable_variables:
+            # Build now, eagerly, so the optimizer can check the weights
+            # (e.g. RSAM's manifolds) before TF defers it into a trace.
+            self.optimizer.build(self.trainable_variables)
 
     def compile_from_config(self, config):
         # `compile` is overridden, so Keras leaves restoring it to us.
