@@ -55,7 +55,7 @@ def _scope():
     return contextlib.nullcontext()
 
 
-def _train(variant, kwargs, x, y):
+def _train(variant, kwargs, x, y, loss_scale=False):
     keras.utils.set_random_seed(0)
     with _scope():
         inner = keras.optimizers.SGD(0.1, momentum=0.9)
@@ -63,6 +63,8 @@ def _train(variant, kwargs, x, y):
             optimizer = keras_sam.optimizers.SAM(inner, rho=0.1, **kwargs)
         else:
             optimizer = keras_sam.optimizers.ASAM(inner, rho=0.5, **kwargs)
+        if loss_scale:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         model = keras_sam.SAMModel(sam_setup.mlp(sam_setup.initial_params()))
         model.compile(optimizer=optimizer, loss="mse")
     sam_setup.fit(model, x, y, batch_size=8, epochs=2)
@@ -101,10 +103,11 @@ def main():
     for name, (variant, kwargs) in CASES.items():
         model = _train(variant, kwargs, x, y)
         out["cases"][name] = [w.tolist() for w in sam_setup.weights(model)]
-    # A non-finite pass on one replica only skips the step on both.
+    # A non-finite pass on one replica only skips the step on both (the
+    # loss-scale optimizer's check, as in plain Keras).
     x_bad = x.copy()
     x_bad[5, 0] = np.inf
-    model = _train("sam", {}, x_bad[:8], y[:8])
+    model = _train("sam", {}, x_bad[:8], y[:8], loss_scale=True)
     out["cases"]["non_finite"] = [w.tolist() for w in sam_setup.weights(model)]
     if BACKEND == "tensorflow":
         out["probe"] = _local_assign_probe()

@@ -108,6 +108,39 @@ def _sync(grads):
     return [None if g is None else next(reduced) for g in grads]
 
 
+def _agree_on_finite(optimizer, grads):
+    """Makes every replica's gradients non-finite if one replica's are.
+
+    Under a strategy, Keras' LossScaleOptimizer checks the gradients of the
+    first replica only (it assumes they were all-reduced); a non-finite
+    pass on another replica would then be applied. Nothing changes on one
+    device or without loss scaling.
+    """
+    context = tf.distribute.get_replica_context()
+    if (
+        not common.has_loss_scaling(optimizer)
+        or context is None
+        or context.num_replicas_in_sync == 1
+    ):
+        return grads
+
+    def every_replica(strategy, finite):
+        # Each replica's flag, read in cross-replica context (no collective).
+        return tf.reduce_all(
+            tf.stack(strategy.experimental_local_results(finite))
+        )
+
+    finite = context.merge_call(
+        every_replica, args=(common.all_finite(grads),)
+    )
+    return [
+        None
+        if g is None
+        else tf.where(finite, g, tf.fill(tf.shape(g), float("nan")))
+        for g in grads
+    ]
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     sam = model.sam_optimizer
@@ -210,7 +243,7 @@ def train_step(model, data):
             final[i] = g
         # With loss scaling, the LossScaleOptimizer skips a non-finite step
         # (weights and state untouched); without it, as in plain Keras.
-        optimizer.apply(final, variables)
+        optimizer.apply(_agree_on_finite(optimizer, final), variables)
 
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     for key, value in sam.log_values().items():
