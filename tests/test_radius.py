@@ -9,6 +9,7 @@ import pytest
 import keras_sam
 from tests import reference
 from tests.conftest import BACKEND
+from tests.conftest import DISTINCT_MODES
 from tests.conftest import MODES
 
 D_IN, D_HIDDEN = 4, 6
@@ -83,12 +84,13 @@ def _fit(model, x, y, batch_size, callbacks=None):
 
 def _cases(kinds, modes=tuple(MODES)):
     """The first kind in `modes`, the others in graph mode."""
-    cases = [(kinds[0], mode) for mode in modes]
+    cases = [
+        (kinds[0], mode) for mode in modes if mode in DISTINCT_MODES[BACKEND]
+    ]
     cases += [(kind, "graph") for kind in kinds[1:]]
     return [
         pytest.param(kind, MODES[mode], id=f"{kind}-{mode}")
         for kind, mode in cases
-        if not (BACKEND == "torch" and mode == "jit")
     ]
 
 
