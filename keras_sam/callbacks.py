@@ -3,17 +3,9 @@
 import keras
 from keras import ops
 
+from keras_sam import optimizers as sam_optimizers
 from keras_sam import sharpness
 from keras_sam.optimum_shift import OptimumShifting  # noqa: F401
-
-
-def _find_sgd(optimizer):
-    """The `keras.optimizers.SGD` inside wrappers (SAM, loss scaling)."""
-    while optimizer is not None:
-        if isinstance(optimizer, keras.optimizers.SGD):
-            return optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -145,7 +137,9 @@ class SharpnessMonitor(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             return None
-        sgd = _find_sgd(optimizer)
+        sgd = sam_optimizers.find_optimizer(
+            optimizer, keras.optimizers.SGD
+        )
         beta, nesterov = self.momentum, False
         if beta is None:
             if sgd is None:

@@ -26,6 +26,7 @@ from keras import ops
 
 from keras_sam import manifolds as sam_manifolds
 from keras_sam.radius import LearnedRadius
+from keras_sam._validation import check_positive_int
 
 _NORM_EPSILON = 1e-12
 
@@ -57,25 +58,13 @@ def _check_rho(rho):
     return float(rho)
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
-        )
-    if value < 1:
-        raise ValueError(
-            f"`{name}` must be an integer >= 1. Received: {name}={value}"
-        )
-    return int(value)
-
-
 def _check_splits(sync_perturbation, num_batch_splits):
     if not isinstance(sync_perturbation, bool):
         raise TypeError(
             "`sync_perturbation` must be a boolean. Received: "
             f"sync_perturbation={sync_perturbation!r}"
         )
-    num_batch_splits = _check_positive_int(
+    num_batch_splits = check_positive_int(
         "num_batch_splits", num_batch_splits
     )
     if sync_perturbation and num_batch_splits > 1:
@@ -110,16 +99,25 @@ def _get_inner(optimizer):
     return inner
 
 
+def find_optimizer(optimizer, cls):
+    """The first optimizer of type `cls` in a chain of wrappers.
+
+    Follows `inner_optimizer` from `optimizer` (itself included), through
+    sharpness-aware and loss-scale wrappers; `None` when there is none.
+    """
+    while optimizer is not None:
+        if isinstance(optimizer, cls):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
 def find_sam(optimizer):
     """The sharpness-aware optimizer in `optimizer`, unwrapping loss scaling.
 
     Returns `None` when there is none (a plain optimizer).
     """
-    while optimizer is not None:
-        if isinstance(optimizer, SAM):
-            return optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
+    return find_optimizer(optimizer, SAM)
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -193,7 +191,7 @@ class SAM(keras.optimizers.Optimizer):
         self.initial_rho = _check_rho(
             rho if self.radius is None else self.radius.initial
         )
-        self.sam_every = _check_positive_int("sam_every", sam_every)
+        self.sam_every = check_positive_int("sam_every", sam_every)
         self.sync_perturbation, self.num_batch_splits = _check_splits(
             sync_perturbation, num_batch_splits
         )

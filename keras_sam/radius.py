@@ -23,6 +23,7 @@ import warnings
 import keras
 import numpy as np
 from keras import ops
+from keras_sam._validation import check_positive_int
 
 # Adam-style normalization of the log-rho step.
 _BETA_1 = 0.9
@@ -44,18 +45,6 @@ def _check_positive_float(name, value, allow_zero=False):
             f"Received: {name}={value}"
         )
     return float(value)
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
-        )
-    if value < 1:
-        raise ValueError(
-            f"`{name}` must be an integer >= 1. Received: {name}={value}"
-        )
-    return int(value)
 
 
 def _to_numpy(value):
@@ -283,8 +272,8 @@ class LearnedRadius:
         self.learning_rate = _check_positive_float(
             "learning_rate", learning_rate, allow_zero=True
         )
-        self.update_every = _check_positive_int("update_every", update_every)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.update_every = check_positive_int("update_every", update_every)
+        self.batch_size = check_positive_int("batch_size", batch_size)
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
             raise ValueError(
                 "`bounds` must be a pair `(min, max)`. "

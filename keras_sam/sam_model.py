@@ -6,14 +6,6 @@ from keras_sam import backend
 from keras_sam import optimizers as sam_optimizers
 
 
-def _has_loss_scale_optimizer(optimizer):
-    while optimizer is not None:
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            return True
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return False
-
-
 @keras.saving.register_keras_serializable(package="keras_sam")
 class SAMModel(keras.Model):
     """Wraps a Keras model so that `fit` runs the sharpness-aware step.
@@ -118,7 +110,9 @@ class SAMModel(keras.Model):
                 f"SAMModel(rho={self.rho}) and "
                 f"{sam.__class__.__name__}(rho={sam.initial_rho})"
             )
-        if _has_loss_scale_optimizer(optimizer):
+        if sam_optimizers.find_optimizer(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
             # The user scales the loss already (e.g. SAM(LossScaleOptimizer
             # (...))): Keras must not wrap the whole chain a second time.
             kwargs["auto_scale_loss"] = False

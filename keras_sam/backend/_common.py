@@ -15,6 +15,8 @@ exactly the gradient of the whole batch.
 import keras
 from keras import ops
 
+from keras_sam import optimizers as sam_optimizers
+
 
 def split_sizes(batch_size, num_splits):
     """Sizes of `num_splits` contiguous sub-batches, as even as possible.
@@ -75,8 +77,5 @@ def has_loss_scaling(optimizer):
     It then checks the gradients itself: it skips a non-finite step and
     lowers its scale.
     """
-    while optimizer is not None:
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            return True
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return False
+    loss_scale = keras.optimizers.LossScaleOptimizer
+    return sam_optimizers.find_optimizer(optimizer, loss_scale) is not None
