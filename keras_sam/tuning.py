@@ -23,6 +23,7 @@ import numbers
 import keras
 import keras_tuner
 
+from keras_sam._validation import check_positive_int
 from keras_sam import optimizers as sam_optimizers
 from keras_sam.radius import LearnedRadius
 from keras_sam.sam_model import SAMModel
@@ -681,8 +682,8 @@ def search_rho(
         raise ValueError(
             f"`tuner` must be one of {list(_TUNERS)}. Received: tuner={tuner!r}"
         )
-    max_trials = sam_optimizers._check_positive_int("max_trials", max_trials)
-    epochs = sam_optimizers._check_positive_int("epochs", epochs)
+    max_trials = check_positive_int("max_trials", max_trials)
+    epochs = check_positive_int("epochs", epochs)
     if validation_data is None:
         raise ValueError(
             "`validation_data` is required: trials are compared on it. "
