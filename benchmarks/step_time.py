@@ -321,7 +321,7 @@ def measure(model_name, methods, args):
         times, k = run["times"], run["period"]
         windows = [
             sum(times[i : i + k]) / k for i in range(0, len(times) - k + 1, k)
-        ]
+        ] or [sum(times) / len(times)]  # fewer steps than one window
         model = run["model"]
         memory = step_memory(model, x, y) if args.memory else None
         if memory is None and args.memory and reset_peak():
