@@ -28,6 +28,26 @@ def split_sizes(batch_size, num_splits):
     return [base + (1 if j < extra else 0) for j in range(num_splits)]
 
 
+def split_batch(x, y, sample_weight, num_splits, batch_size):
+    """Contiguous sub-batches `[((x, y, sw), n_j / n)]`, empty ones dropped.
+
+    `batch_size` must be a Python integer (a static shape); one split gives
+    the batch itself with fraction `None`.
+    """
+    if num_splits == 1:
+        return [((x, y, sample_weight), None)]
+    parts, start = [], 0
+    for size in split_sizes(batch_size, num_splits):
+        if size:
+            part = keras.tree.map_structure(
+                lambda t: None if t is None else t[start : start + size],
+                (x, y, sample_weight),
+            )
+            parts.append((part, size / batch_size))
+        start += size
+    return parts
+
+
 def combine(parts, fractions):
     """`sum_j fractions[j] * parts[j]` per variable; `None` stays `None`.
 

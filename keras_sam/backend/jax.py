@@ -40,25 +40,6 @@ def _data_parallel_replicas():
     return int(mesh.shape[list(mesh.axis_names).index(batch_axis)])
 
 
-def _split_batch(x, y, sample_weight, num_splits):
-    """Contiguous sub-batches `[((x, y, sw), n_j / n)]`, empty ones dropped.
-
-    One split gives the batch itself with fraction `None`.
-    """
-    if num_splits == 1:
-        return [((x, y, sample_weight), None)]
-    n = _batch_size(x)
-    parts, start = [], 0
-    for size in common.split_sizes(n, num_splits):
-        if size:
-            part = jax.tree_util.tree_map(
-                lambda t: t[start : start + size], (x, y, sample_weight)
-            )
-            parts.append((part, size / n))
-        start += size
-    return parts
-
-
 def train_step(model, state, data):
     (
         trainable_values,
@@ -85,7 +66,9 @@ def train_step(model, state, data):
     num_splits = sam.num_batch_splits
     if not sam.sync_perturbation:
         num_splits *= _data_parallel_replicas()
-    parts = _split_batch(x, y, sample_weight, num_splits)
+    parts = common.split_batch(
+        x, y, sample_weight, num_splits, _batch_size(x)
+    )
     fractions = [fraction for _, fraction in parts]
 
     def loss_fn(weights, states, x, y, sample_weight, training=True):

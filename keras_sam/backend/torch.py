@@ -71,26 +71,6 @@ def _auxiliary(model, sam, variables):
     return results
 
 
-def _split_batch(x, y, sample_weight, num_splits):
-    """Contiguous sub-batches `[((x, y, sw), n_j / n)]`, empty ones dropped.
-
-    One split gives the batch itself with fraction `None`.
-    """
-    if num_splits == 1:
-        return [((x, y, sample_weight), None)]
-    n = _batch_size(x)
-    parts, start = [], 0
-    for size in common.split_sizes(n, num_splits):
-        if size:
-            part = keras.tree.map_structure(
-                lambda t: None if t is None else t[start : start + size],
-                (x, y, sample_weight),
-            )
-            parts.append((part, size / n))
-        start += size
-    return parts
-
-
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     sam = model.sam_optimizer
@@ -102,7 +82,9 @@ def train_step(model, data):
     optimizer = model.optimizer
     variables = model.trainable_variables
     states = model.non_trainable_variables
-    parts = _split_batch(x, y, sample_weight, sam.num_batch_splits)
+    parts = common.split_batch(
+        x, y, sample_weight, sam.num_batch_splits, _batch_size(x)
+    )
     fractions = [fraction for _, fraction in parts]
 
     with sam.sharpness_aware_step():
