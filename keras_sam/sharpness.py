@@ -204,10 +204,26 @@ def _as_batches(data, batch_size=None, steps=None):
 # Flat vectors: the estimators see the trainable values as one vector.
 
 
+def _as_float32(t):
+    if keras.backend.standardize_dtype(t.dtype) == "float32":
+        return t  # no op at all: eager backends pay for every call
+    return ops.cast(t, "float32")
+
+
 def _flatten(tensors):
-    return ops.concatenate(
-        [ops.reshape(ops.cast(t, "float32"), (-1,)) for t in tensors]
-    )
+    return ops.concatenate([ops.reshape(_as_float32(t), (-1,)) for t in tensors])
+
+
+def _unflatten(flat, like):
+    parts, start = [], 0
+    for w in like:
+        size = int(np.prod(w.shape))
+        part = ops.reshape(flat[start : start + size], w.shape)
+        if keras.backend.standardize_dtype(w.dtype) != "float32":
+            part = ops.cast(part, w.dtype)
+        parts.append(part)
+        start += size
+    return parts
 
 
 def _dot(a, b):
@@ -224,7 +240,8 @@ _COMPILED = weakref.WeakKeyDictionary()
 
 
 def _compiled_functions(model, loss_fn, training):
-    """`(value_and_grad, hvp)` of one batch's loss as a function of values."""
+    """`(value_and_grad, hvp, flat_hvp)` of one batch's loss as functions of
+    the values, compiled by the backend."""
     variables = list(model.trainable_variables)
     states = list(model.non_trainable_variables)
     try:
@@ -260,13 +277,50 @@ def _compiled_functions(model, loss_fn, training):
                     value = ops.add(value, ops.cast(penalty, value.dtype))
         return ops.cast(value, "float32")
 
-    functions = (
-        backend.value_and_grad_function(batch_loss),
-        backend.hvp_function(batch_loss),
-    )
+    def value_and_grad(values, state_values, x, y, sample_weight):
+        return backend.value_and_grad(
+            batch_loss, values, state_values, x, y, sample_weight
+        )
+
+    def hvp(values, vectors, state_values, x, y, sample_weight):
+        return backend.hvp(
+            batch_loss, values, vectors, state_values, x, y, sample_weight
+        )
+
+    def flat_hvp(values, flat, weight, state_values, x, y, sample_weight):
+        """`weight * H v` on flat float32 vectors (`weight=None`: 1): the
+        estimators' product, one compiled call per batch."""
+        vectors = _unflatten(flat, values)
+        hv = _flatten(hvp(values, vectors, state_values, x, y, sample_weight))
+        return hv if weight is None else ops.multiply(hv, weight)
+
+    functions = _BatchFunctions(value_and_grad, hvp, flat_hvp)
     if key is not None:
         cache[key] = functions
     return functions
+
+
+class _BatchFunctions:
+    """The compiled functions of one batch's loss (see `_compiled_functions`);
+    `fused(step)` also compiles `step(H v, v, *extra)` as one call."""
+
+    def __init__(self, value_and_grad, hvp, flat_hvp):
+        self._flat_hvp_python = flat_hvp
+        self.value_and_grad = backend.compile_function(value_and_grad)
+        self.hvp = backend.compile_function(hvp)
+        self.flat_hvp = backend.compile_function(flat_hvp)
+        self._fused = {}
+
+    def fused(self, step):
+        if step not in self._fused:
+            flat_hvp = self._flat_hvp_python
+
+            def fused(values, flat, state_values, x, y, sample_weight, *extra):
+                hv = flat_hvp(values, flat, None, state_values, x, y, sample_weight)
+                return step(hv, flat, *extra)
+
+            self._fused[step] = backend.compile_function(fused)
+        return self._fused[step]
 
 
 class Hessian:
@@ -332,9 +386,13 @@ class Hessian:
         self._sizes = [int(np.prod(v.shape)) for v in self.variables]
         self.size = sum(self._sizes)
 
-        self._value_and_grad, self._hvp = _compiled_functions(
-            model, loss_fn, self.training
-        )
+        # Batch weights as tensors: a compiled function retraces for every
+        # new Python number but not for a new tensor value. One batch: none.
+        self._weight_tensors = [
+            None if w == 1.0 else ops.convert_to_tensor(np.float32(w))
+            for w in self.weights
+        ]
+        self._functions = _compiled_functions(model, loss_fn, self.training)
 
     # ---- values and flat vectors ----
 
@@ -343,14 +401,6 @@ class Hessian:
 
     def _state_values(self):
         return [ops.convert_to_tensor(v) for v in self._states]
-
-    def _unflatten(self, flat, like):
-        parts, start = [], 0
-        for size, w in zip(self._sizes, like):
-            part = ops.reshape(flat[start : start + size], w.shape)
-            parts.append(ops.cast(part, w.dtype))
-            start += size
-        return parts
 
     def _check_vectors(self, vectors):
         vectors = list(vectors)
@@ -376,7 +426,9 @@ class Hessian:
         states = self._state_values()
         loss, grads = 0.0, None
         for weight, (_, x, y, sample_weight) in zip(self.weights, self.batches):
-            value, g = self._value_and_grad(values, states, x, y, sample_weight)
+            value, g = self._functions.value_and_grad(
+                values, states, x, y, sample_weight
+            )
             loss += weight * float(ops.convert_to_numpy(value))
             if weight != 1.0:
                 g = [ops.multiply(gi, weight) for gi in g]
@@ -403,28 +455,60 @@ class Hessian:
         self.num_hvps += 1
         result = None
         for weight, (_, x, y, sample_weight) in zip(self.weights, self.batches):
-            hv = self._hvp(values, vectors, states, x, y, sample_weight)
+            hv = self._functions.hvp(values, vectors, states, x, y, sample_weight)
             if weight != 1.0:
                 hv = [ops.multiply(h, weight) for h in hv]
             result = hv if result is None else list(map(ops.add, result, hv))
         return result
 
-    def _flat_operator(self):
-        """`v -> H v` on flat float32 vectors, at the current weights."""
+    def _flat_operator(self, step=None):
+        """`v -> H v` on flat float32 vectors, at the current weights: one
+        compiled call per batch, summed with the batch weights.
+
+        With `step`, `(v, *extra) -> step(H v, v, *extra)`: an iteration of
+        an estimator, compiled with the product into one call when the data
+        is one batch (one dispatch per iteration, which is what an
+        accelerator waits on for a model of this size).
+        """
         values, states = self._values(), self._state_values()
+        if step is not None and len(self.batches) == 1:
+            fused = self._functions.fused(step)
+            _, x, y, sample_weight = self.batches[0]
+
+            def iterate(flat, *extra):
+                self.num_hvps += 1
+                return fused(values, flat, states, x, y, sample_weight, *extra)
+
+            return iterate
+        flat_hvp = self._functions.flat_hvp
+        batches = [
+            (weight, x, y, sample_weight)
+            for weight, (_, x, y, sample_weight) in zip(
+                self._weight_tensors, self.batches
+            )
+        ]
 
         def matvec(flat):
-            vectors = self._unflatten(flat, values)
-            return _flatten(self._hvp_values(values, states, vectors))
+            self.num_hvps += 1
+            result = None
+            for weight, x, y, sample_weight in batches:
+                hv = flat_hvp(values, flat, weight, states, x, y, sample_weight)
+                result = hv if result is None else ops.add(result, hv)
+            return result
 
-        return matvec
+        if step is None:
+            return matvec
+        step = _compiled_step(step)
+        return lambda flat, *extra: step(matvec(flat), flat, *extra)
 
-    def _random_vector(self, rng, kind="normal"):
-        if kind == "rademacher":
-            sample = rng.integers(0, 2, size=self.size) * 2.0 - 1.0
-        else:
-            sample = rng.standard_normal(self.size)
+    def _rademacher_vector(self, rng):
+        """A probe of +-1 from numpy's `rng` (the same on every backend)."""
+        sample = rng.integers(0, 2, size=self.size) * 2 - 1
         return ops.convert_to_tensor(sample.astype("float32"))
+
+    def _start_vector(self, seed):
+        """A seeded standard normal vector, drawn on the device."""
+        return keras.random.normal((self.size,), dtype="float32", seed=seed)
 
     # ---- estimators ----
 
@@ -439,8 +523,11 @@ class Hessian:
         """Top eigenvalue of the Hessian (the sharpness).
 
         Lanczos (default) builds an orthonormal Krylov basis `q_1..q_k` with
-        `H Q_k = Q_k T_k + beta_k q_{k+1} e_k^T` (full reorthogonalization)
-        and returns the largest eigenvalue `theta` of the tridiagonal `T_k`;
+        `H Q_k = Q_k T_k + beta_k q_{k+1} e_k^T`, reorthogonalized whenever
+        Simon's estimate of `max |q_i . q_j|` passes `sqrt(eps)` (partial
+        reorthogonalization: the Ritz values stay as accurate as with an
+        exactly orthonormal basis, at the cost of a product and a few vector
+        operations per iteration; the basis is kept, `k` vectors), and returns the largest eigenvalue `theta` of the tridiagonal `T_k`;
         it stops when the error bound `min(r, r^2 / gap)` is at most
         `tol * |theta|`, with the Ritz residual `r = ||H y - theta y|| =
         beta_k |s_k|` and `gap` the distance from `theta` to the next Ritz
@@ -468,14 +555,18 @@ class Hessian:
             )
         max_iter = _check_int("max_iter", max_iter, 1)
         tol = _check_float("tol", tol, 0.0, strict=True)
-        matvec = self._flat_operator()
-        start = self._random_vector(np.random.default_rng(seed))
+        seed = _check_int("seed", seed, 0)
+        start = self._start_vector(seed)
         if method == "lanczos":
-            theta, flat = _lanczos(matvec, start, max_iter, tol)
+            iterate = self._flat_operator(_lanczos_step)
+            theta, flat = _lanczos(
+                iterate, start, max_iter, tol, return_eigenvector
+            )
         else:
-            theta, flat = _power_iteration(matvec, start, max_iter, tol)
+            iterate = self._flat_operator(_power_step)
+            theta, flat = _power_iteration(iterate, start, max_iter, tol)
         if return_eigenvector:
-            return theta, self._unflatten(flat, self._values())
+            return theta, _unflatten(flat, self._values())
         return theta
 
     def trace(self, num_probes=100, seed=0):
@@ -493,11 +584,12 @@ class Hessian:
             seed: Seed of the probes. Defaults to `0`.
         """
         num_probes = _check_int("num_probes", num_probes, 1)
+        seed = _check_int("seed", seed, 0)
         matvec = self._flat_operator()
         rng = np.random.default_rng(seed)
         total = 0.0
         for _ in range(num_probes):
-            z = self._random_vector(rng, kind="rademacher")
+            z = self._rademacher_vector(rng)
             total += _dot(z, matvec(z))
         return total / num_probes
 
@@ -547,66 +639,164 @@ class Hessian:
         return self.loss(adversarial) - loss
 
 
-def _project_rows(basis, w):
-    """`Q^T (Q w)` for orthonormal rows Q, as two plain matrix products."""
-    coefficients = ops.matmul(basis, ops.expand_dims(w, 1))  # (k, 1)
-    return ops.matmul(ops.transpose(coefficients), basis)[0]
+# ---------------------------------------------------------------------------
+# Krylov iterations. Each iteration is one Hessian-vector product, one
+# compiled vector update and one read of two scalars; the tridiagonal matrix
+# and the orthogonality estimates are small and live in numpy.
+
+# float32 unit roundoff and the semi-orthogonality level sqrt(eps): while
+# |q_i . q_j| stays below it, the Ritz values of T_k are as accurate as with
+# an exactly orthonormal basis (Simon 1984).
+_EPS = float(np.finfo(np.float32).eps)
+_SEMI_ORTHOGONAL = math.sqrt(_EPS)
 
 
-def _lanczos(matvec, start, max_iter, tol):
-    """Largest Ritz pair of `matvec` by Lanczos with reorthogonalization."""
-    q = ops.divide(start, _norm(start))
-    basis = ops.expand_dims(q, 0)  # Q_k, one orthonormal row per step
+def _lanczos_step(w, q, q_previous, beta_previous):
+    """The three-term recurrence on `w = H q` (modified Gram-Schmidt order):
+
+    ```
+    w     = H q_k - beta_{k-1} q_{k-1}
+    alpha = q_k . w ;  w = w - alpha q_k ;  beta = ||w|| ;  q_{k+1} = w / beta
+    ```
+    """
+    w = ops.subtract(w, ops.multiply(q_previous, beta_previous))
+    alpha = ops.vdot(q, w)
+    w = ops.subtract(w, ops.multiply(q, alpha))
+    beta = ops.norm(w)
+    q_next = ops.divide(w, ops.maximum(beta, _NORM_EPSILON))
+    return q_next, beta, ops.stack([alpha, beta])
+
+
+def _power_step(w, v):
+    """`theta = v . H v`, `v <- H v / ||H v||`."""
+    theta = ops.vdot(v, w)
+    norm = ops.norm(w)
+    v_next = ops.divide(w, ops.maximum(norm, _NORM_EPSILON))
+    return v_next, ops.stack([theta, norm])
+
+
+_STEPS = {}
+
+
+def _compiled_step(fn):
+    """`fn` compiled by the backend once per process (shared by models)."""
+    if fn not in _STEPS:
+        _STEPS[fn] = backend.compile_function(fn, jit_compile=True)
+    return _STEPS[fn]
+
+
+def _scalars(tensor):
+    return [float(value) for value in ops.convert_to_numpy(tensor)]
+
+
+def _orthogonality_estimate(omega, omega_previous, alphas, betas, beta, norm):
+    """Simon's recurrence for `omega_{k+1, j} = q_{k+1} . q_j`, `j <= k`.
+
+    Taking `q_j .` of `beta_k q_{k+1} = H q_k - alpha_k q_k -
+    beta_{k-1} q_{k-1}` and using `H q_j` from step `j`:
+
+    ```
+    beta_k w_{k+1,j} = beta_j w_{k,j+1} + (alpha_j - alpha_k) w_{k,j}
+                       + beta_{j-1} w_{k,j-1} - beta_{k-1} w_{k-1,j}
+                       +- eps ||H||           (the rounding of both steps)
+    w_{k+1,k} = eps ||H|| / beta_k,   w_{k+1,k+1} = 1
+    ```
+
+    `omega` holds `w_{k,0..k}`, `omega_previous` `w_{k-1,0..k-1}`,
+    `alphas` `alpha_0..alpha_k` and `betas` `beta_0..beta_{k-1}`; `beta` is
+    `beta_k` and `norm` an estimate of `||H||`. Only scalars: O(k) per step.
+    """
+    k = len(alphas) - 1
+    alpha = np.asarray(alphas[:k])
+    beta_j = np.asarray(betas[:k])
+    term = beta_j * omega[1 : k + 1] + (alpha - alphas[k]) * omega[:k]
+    if k > 1:
+        term[1:] += beta_j[: k - 1] * omega[: k - 1]
+    if k > 0:
+        term -= betas[k - 1] * omega_previous[:k]
+    # The rounding terms, added in the direction that makes |w| larger.
+    term += np.where(term >= 0, 1.0, -1.0) * _EPS * norm
+    return np.concatenate([term / beta, [_EPS * norm / beta, 1.0]])
+
+
+def _reorthogonalize(basis, q):
+    """`q` made orthogonal to the rows of `basis` (classical Gram-Schmidt,
+    repeated once if it cancelled much of `q`: "twice is enough"), returned
+    normalized with the norm it had before."""
+    rows = ops.stack(basis)
+    norm = 1.0  # q arrives normalized
+    for _ in range(2):
+        coefficients = ops.matmul(rows, ops.expand_dims(q, 1))  # (k, 1)
+        q = ops.subtract(q, ops.matmul(ops.transpose(coefficients), rows)[0])
+        previous, norm = norm, _norm(q)
+        if norm > 0.7 * previous:  # little was cancelled: once is enough
+            break
+    return ops.divide(q, max(norm, _NORM_EPSILON)), norm
+
+
+def _lanczos(iterate, start, max_iter, tol, return_vector=False):
+    """Largest Ritz pair by Lanczos with partial reorthogonalization.
+
+    `iterate(q, q_previous, beta_previous)` is one product fused with
+    `_lanczos_step`: one compiled call and one read of two scalars per
+    iteration. The basis is reorthogonalized only when Simon's estimate of
+    the loss of orthogonality passes sqrt(eps); on a top eigenvalue that
+    rarely happens before convergence, so an iteration costs one product
+    and a few vector operations, not O(k) of them.
+    """
+    q = ops.divide(start, ops.norm(start))
+    q_previous = ops.zeros_like(q)
+    beta_tensor = ops.zeros((), dtype="float32")
+    basis = [q]  # q_0..q_k, kept for reorthogonalization and the eigenvector
     alphas, betas = [], []
+    omega_previous, omega = np.zeros(0), np.ones(1)
+    norm = 0.0  # running Gershgorin bound on ||T_k||, standing in for ||H||
     theta, ritz = 0.0, np.ones(1)
     for _ in range(max_iter):
-        w = matvec(q)
-        alpha = _dot(q, w)
+        q_next, beta_tensor, stats = iterate(q, q_previous, beta_tensor)
+        alpha, beta = _scalars(stats)
         alphas.append(alpha)
-        # Three-term recurrence, then full reorthogonalization against Q_k
-        # (twice is enough) to keep the basis orthonormal in float32.
-        w = ops.subtract(w, ops.multiply(q, alpha))
-        if betas:
-            w = ops.subtract(w, ops.multiply(basis[-2], betas[-1]))
-        # Full reorthogonalization against Q_k, repeated when it cancels
-        # much of w ("twice is enough"): keeps Q_k orthonormal in float32.
-        norm = _norm(w)
-        for _ in range(2):
-            w = ops.subtract(w, _project_rows(basis, w))
-            beta = _norm(w)
-            if beta > 0.7 * norm:
-                break
-            norm = beta
+        norm = max(norm, abs(alpha) + beta + (betas[-1] if betas else 0.0))
         tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         eigenvalues, eigenvectors = np.linalg.eigh(tridiagonal)
         theta, ritz = float(eigenvalues[-1]), eigenvectors[:, -1]
-        # r = ||H y - theta y|| for the Ritz vector y = Q_k^T s bounds the
+        # r = ||H y - theta y|| for the Ritz vector y = Q_k s bounds the
         # error by r, and by r^2 / gap with the gap to the next Ritz value.
         residual = beta * abs(ritz[-1])
         error = residual
         if len(eigenvalues) > 1 and theta > eigenvalues[-2]:
             error = min(residual, residual**2 / (theta - eigenvalues[-2]))
-        if error <= tol * abs(theta) or beta <= _NORM_EPSILON:
+        if error <= tol * abs(theta) or beta <= _NORM_EPSILON * max(norm, 1.0):
             break
+        omega_next = _orthogonality_estimate(
+            omega, omega_previous, alphas, betas, beta, norm
+        )
+        if np.max(np.abs(omega_next[:-1])) > _SEMI_ORTHOGONAL:
+            q_next, scale = _reorthogonalize(basis, q_next)
+            beta *= scale
+            beta_tensor = ops.convert_to_tensor(np.float32(beta))
+            omega_next[:-1] = _EPS * norm / beta
         betas.append(beta)
-        q = ops.divide(w, beta)
-        basis = ops.concatenate([basis, ops.expand_dims(q, 0)], axis=0)
-    # Without convergence the basis holds one vector more than T_k.
+        q_previous, q = q, q_next
+        basis.append(q)
+        omega_previous, omega = omega, omega_next
+    if not return_vector:
+        return theta, None
     ritz = ops.convert_to_tensor(ritz.astype("float32")[None, :])
-    return theta, ops.matmul(ritz, basis[: len(alphas)])[0]
+    return theta, ops.matmul(ritz, ops.stack(basis[: len(alphas)]))[0]
 
 
-def _power_iteration(matvec, start, max_iter, tol):
-    """Dominant eigenpair of `matvec` by power iteration."""
+def _power_iteration(iterate, start, max_iter, tol):
+    """Dominant eigenpair by power iteration; `iterate(v)` is one product
+    fused with `_power_step`."""
     v = ops.divide(start, _norm(start))
     theta = None
     for _ in range(max_iter):
-        w = matvec(v)
-        previous, theta = theta, _dot(v, w)
-        norm = _norm(w)
+        v_next, stats = iterate(v)
+        previous, (theta, norm) = theta, _scalars(stats)
         if norm <= _NORM_EPSILON:
             return 0.0, v
-        v = ops.divide(w, norm)
+        v = v_next
         if previous is not None and abs(theta - previous) <= tol * abs(theta):
             break
     return theta, v

@@ -123,6 +123,28 @@ def test_lanczos_stopped_early_gives_a_lower_bound():
     assert value <= np.linalg.eigvalsh(matrix)[-1] + 1e-4
 
 
+def test_lanczos_keeps_its_basis_orthogonal_past_convergence():
+    # A tolerance far below float32's reach keeps Lanczos going after the
+    # top pair has converged. Without reorthogonalization the basis loses
+    # orthogonality along that pair and copies of it appear ("ghosts"):
+    # here Q s then has norm 0.14, not 1 (measured with the threshold set
+    # to infinity). Partial reorthogonalization keeps the pair exact.
+    dim = 120
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    spectrum = np.concatenate([[40.0, 30.0], rng.uniform(0.0, 10.0, dim - 2)])
+    model, data, loss = _quadratic((q * spectrum) @ q.T)
+    hessian = sharpness.Hessian(model, data, loss=loss)
+    value, vector = hessian.top_eigenvalue(
+        max_iter=80, tol=1e-300, return_eigenvector=True
+    )
+    assert hessian.num_hvps > 20  # well past convergence (about 10)
+    v = np.ravel(_numpy(vector)[0])
+    np.testing.assert_allclose(value, 40.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(v), 1.0, atol=1e-5)
+    assert abs(v @ q[:, 0]) > 1.0 - 1e-5
+
+
 def test_lanczos_finds_largest_not_largest_magnitude():
     matrix = np.diag([-20.0, 1.0, 2.0, 5.0])
     model, data, loss = _quadratic(matrix)
@@ -472,6 +494,10 @@ def test_bad_arguments_raise():
         sharpness.top_eigenvalue(model, (x, y), max_iter=0)
     with pytest.raises(ValueError, match="num_probes=0"):
         sharpness.hessian_trace(model, (x, y), num_probes=0)
+    with pytest.raises(ValueError, match="seed=-1"):
+        sharpness.top_eigenvalue(model, (x, y), seed=-1)
+    with pytest.raises(TypeError, match="seed=0.5"):
+        sharpness.hessian_trace(model, (x, y), seed=0.5)
     with pytest.raises(ValueError, match="Received shapes"):
         sharpness.hessian_vector_product(model, (x, y), [np.ones(3)])
     with pytest.raises(ValueError, match="rho=-1"):

@@ -22,8 +22,8 @@ else:
 
 train_step = _impl.train_step
 # Hessian-vector products and gradients of a pure function of values
-# (keras_sam.sharpness); the *_function forms compile once and are reused.
+# (keras_sam.sharpness), and the backend's compiler for such functions
+# (`tf.function`, `jax.jit`; torch runs eagerly).
 hvp = _impl.hvp
-hvp_function = _impl.hvp_function
 value_and_grad = _impl.value_and_grad
-value_and_grad_function = _impl.value_and_grad_function
+compile_function = _impl.compile_function

@@ -262,13 +262,7 @@ def hvp(fn, values, vectors, *args):
     return hv
 
 
-def value_and_grad_function(fn):
-    """`value_and_grad` for `fn`, compiled once (`jax.jit`) and reused."""
-    return jax.jit(lambda values, *args: value_and_grad(fn, values, *args))
-
-
-def hvp_function(fn):
-    """`hvp` for `fn`, compiled once (`jax.jit`) and reused."""
-    return jax.jit(
-        lambda values, vectors, *args: hvp(fn, values, vectors, *args)
-    )
+def compile_function(fn, jit_compile=False):
+    """`fn` compiled once per input shape (`jax.jit`) and reused; JAX
+    always compiles, `jit_compile` is accepted for the other backends."""
+    return jax.jit(fn)

@@ -291,17 +291,12 @@ def hvp(fn, values, vectors, *args):
     return _zeros_for_none(outer.gradient(g_dot_v, values), values)
 
 
-def value_and_grad_function(fn):
-    """`value_and_grad` for `fn`, traced once (`tf.function`) and reused."""
-    return tf.function(
-        lambda values, *args: value_and_grad(fn, values, *args),
-        reduce_retracing=True,
-    )
+def compile_function(fn, jit_compile=False):
+    """`fn` traced once per input signature (`tf.function`) and reused.
 
-
-def hvp_function(fn):
-    """`hvp` for `fn`, traced once (`tf.function`) and reused."""
-    return tf.function(
-        lambda values, vectors, *args: hvp(fn, values, vectors, *args),
-        reduce_retracing=True,
-    )
+    Python scalars in the arguments are part of the signature (a new value
+    retraces); pass tensors for values that change between calls.
+    `jit_compile=True` fuses with XLA: for vector algebra only (a model's
+    graph is slower under XLA on CPU and may hold ops XLA lacks).
+    """
+    return tf.function(fn, reduce_retracing=True, jit_compile=jit_compile)

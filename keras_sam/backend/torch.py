@@ -180,9 +180,8 @@ def train_step(model, data):
 
 def _leaves(values):
     """Detached copies of `values` that autograd differentiates against."""
-    return [
-        torch.as_tensor(w).detach().clone().requires_grad_(True) for w in values
-    ]
+    # `detach` shares the storage (nothing here writes to it), so no copy.
+    return [torch.as_tensor(w).detach().requires_grad_(True) for w in values]
 
 
 def _zeros_for_none(tensors, like):
@@ -214,7 +213,9 @@ def hvp(fn, values, vectors, *args):
             loss, values, create_graph=True, allow_unused=True
         )
         terms = [
-            torch.sum(g * torch.as_tensor(v, dtype=g.dtype))
+            torch.vdot(
+                g.reshape(-1), torch.as_tensor(v, dtype=g.dtype).reshape(-1)
+            )
             for g, v in zip(grads, vectors)
             if g is not None and g.requires_grad
         ]
@@ -225,11 +226,7 @@ def hvp(fn, values, vectors, *args):
     return _zeros_for_none(hv, values)
 
 
-def value_and_grad_function(fn):
-    """`value_and_grad` for `fn` (torch runs eagerly: nothing to compile)."""
-    return lambda values, *args: value_and_grad(fn, values, *args)
-
-
-def hvp_function(fn):
-    """`hvp` for `fn` (torch runs eagerly: nothing to compile)."""
-    return lambda values, vectors, *args: hvp(fn, values, vectors, *args)
+def compile_function(fn, jit_compile=False):
+    """`fn` itself: torch runs eagerly, as Keras' torch backend does
+    without `jit_compile` (`jit_compile` is accepted and ignored)."""
+    return fn
