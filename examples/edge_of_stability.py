@@ -2,19 +2,26 @@
 
 A diagonal linear network `f(x) = <u * v, x>` is fit to a sparse linear
 target (fewer samples than features, so many weights interpolate) by
-full-batch gradient descent, once per learning rate of a sweep. Gradient
-descent cannot settle where the top Hessian eigenvalue exceeds `2 / lr`, so
-past the critical learning rate the final sharpness follows the `2 / lr`
-line down, and the minimum it reaches changes: the plot shows the final
-sharpness (with `2 / lr`) and the l1 norm of the learned regressor `u * v`
-against the learning rate (Fojtik et al., arXiv 2505.21423).
+full-batch gradient descent, once per learning rate of a sweep. It starts
+small (`u = 0.1`, `v = 0`), where gradient descent with a small step finds
+a sparse interpolator of low l1 norm. Call `S_ref` the sharpness of that
+minimum (found here with a small learning rate) and `lr_c = 2 / S_ref` the
+critical learning rate. Below `lr_c` gradient descent reaches about the same
+minimum, so the final sharpness stays flat. Gradient descent cannot settle
+where the top Hessian eigenvalue exceeds `2 / lr`, so above `lr_c` the
+sharpness rises during training until it meets `2 / lr` and stays there:
+the final sharpness follows the `2 / lr` line down, and the flatter minimum
+it settles in is less sparse, with a larger l1 norm (Fojtik et al., arXiv
+2505.21423: the learning rate trades low norm for low sharpness). The
+script prints and plots the final sharpness (with `2 / lr`) and the l1
+norm of the learned regressor `u * v` against the learning rate.
 
 Every batch is the whole training set, so each optimizer step is one step
 of full-batch gradient descent. Runs in about a minute on 2 CPU cores with
 the defaults; pick the backend with KERAS_BACKEND.
 
     python examples/edge_of_stability.py
-    python examples/edge_of_stability.py --steps 5000 --num-lrs 16
+    python examples/edge_of_stability.py --steps 6000 --num-lrs 17
 """
 
 import argparse
@@ -49,7 +56,7 @@ def make_data(n, d, seed):
     x = rng.normal(size=(n, d)).astype("float32")
     beta = np.zeros(d, "float32")
     beta[:3] = [1.5, -1.0, 1.0]
-    return x, (x @ beta)[:, None].astype("float32")
+    return x, (x @ beta)[:, None].astype("float32"), beta
 
 
 def build_model(d, u0, v0):
@@ -102,37 +109,76 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--features", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--num-lrs", type=int, default=8)
-    parser.add_argument("--u0", type=float, default=1.5)
-    parser.add_argument("--v0", type=float, default=0.75)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--num-lrs", type=int, default=9)
+    parser.add_argument("--u0", type=float, default=0.1)
+    parser.add_argument("--v0", type=float, default=0.0)
+    parser.add_argument(
+        "--ref-lr",
+        type=float,
+        default=0.1,
+        help="small learning rate whose minimum defines the critical one",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="edge_of_stability.png")
     args = parser.parse_args()
     keras.utils.set_random_seed(args.seed)
-    x, y = make_data(args.samples, args.features, args.seed)
+    x, y, beta = make_data(args.samples, args.features, args.seed)
 
-    initial = build_model(args.features, args.u0, args.v0)
-    s0 = sharpness.top_eigenvalue(initial, (x, y), loss="mse")
-    critical = 2.0 / s0
-    lrs = critical * np.linspace(0.4, 1.6, args.num_lrs)
-    print(f"initial sharpness {s0:.3f}: critical learning rate {critical:.4f}")
+    # The minimum that small steps reach (close to gradient flow); halve the
+    # step until it sits well inside the stable region, lr < 2 / sharpness.
+    ref_lr = args.ref_lr
+    s_ref = run(x, y, ref_lr, args.steps, args.u0, args.v0)[0]
+    while not ref_lr * s_ref / 2 < 0.5:
+        ref_lr /= 2
+        s_ref = run(x, y, ref_lr, args.steps, args.u0, args.v0)[0]
+    critical = 2.0 / s_ref
+    # Much past 1.3 lr_c, GD keeps oscillating at the edge for thousands of
+    # steps (past about 1.5 lr_c it does not settle at all).
+    lrs = critical * np.linspace(0.5, 1.3, args.num_lrs)
+    print(
+        f"sharpness after GD with lr {ref_lr:g}: {s_ref:.3f}, "
+        f"critical learning rate 2 / {s_ref:.3f} = {critical:.4f}"
+    )
 
     results = []
     bar = keras.utils.Progbar(len(lrs), unit_name="learning rate")
     for i, lr in enumerate(lrs):
         results.append(run(x, y, float(lr), args.steps, args.u0, args.v0))
         bar.update(i + 1)
-    print(f"{'lr':>8} {'2/lr':>8} {'sharpness':>10} {'l1(u*v)':>9} {'loss':>9}")
+    print(
+        f"{'lr/lr_c':>7} {'lr':>8} {'2/lr':>8} {'sharpness':>10} "
+        f"{'s*lr/2':>7} {'l1(u*v)':>9} {'loss':>9}"
+    )
     for lr, (s, l1, loss) in zip(lrs, results):
-        print(f"{lr:8.4f} {2 / lr:8.3f} {s:10.3f} {l1:9.3f} {loss:9.2e}")
+        print(
+            f"{lr / critical:7.2f} {lr:8.4f} {2 / lr:8.3f} {s:10.3f} "
+            f"{s * lr / 2:7.3f} {l1:9.3f} {loss:9.2e}"
+        )
+    s, l1, _ = map(np.array, zip(*results))
+    above, below = lrs > critical, lrs <= critical
+    if above.any():
+        ratio = s[above] * lrs[above] / 2
+        print(
+            f"lr > lr_c: final sharpness / (2 / lr) in "
+            f"[{ratio.min():.3f}, {ratio.max():.3f}]"
+        )
+    if below.any():
+        print(
+            f"lr <= lr_c: final sharpness / S_ref in "
+            f"[{s[below].min() / s_ref:.3f}, {s[below].max() / s_ref:.3f}]"
+        )
+    print(
+        f"l1(u*v): {l1[below].mean():.3f} on average below lr_c, "
+        f"{l1[-1]:.3f} at {lrs[-1] / critical:.2f} lr_c "
+        f"(target: {np.abs(beta).sum():.3f})"
+    )
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, l1, _ = map(np.array, zip(*results))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(lrs, s, "o-", label="final sharpness")
     grid = np.linspace(lrs[0], lrs[-1], 200)

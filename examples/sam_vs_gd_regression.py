@@ -1,18 +1,31 @@
-"""SAM versus gradient descent on noisy linear regression, early stopped.
+"""SAM versus gradient descent on noisy regression, early stopped.
 
-A linear model `y = <beta, x> + noise` is fit by full-batch gradient descent
-and by full-batch SAM (same step size, `keras_sam.SAMModel`), each stopped
-early on a held-out validation set (best weights restored). Over several
-seeds it prints the prediction error `||X_test (beta_hat - beta)||^2 / n`
-of each and plots them; Behdin and Mazumder (arXiv 2302.11836) show that
-SAM can have a smaller error than early-stopped gradient descent in such
-problems.
+Kernel regression written in the kernel's eigenbasis: feature `j` has
+variance `1 / j` (a decaying spectrum) and there are more features than
+samples, so the model can interpolate the noisy labels. The target is
+smooth: its coefficient on feature `j` has variance `j**-decay`, so most of
+the signal sits in the top directions. A linear model is fit by full-batch
+gradient descent and by full-batch SAM (same step size,
+`keras_sam.SAMModel`); each run is stopped early on a held-out validation
+set (best weights restored), and SAM's `rho` is picked from a small grid by
+the same validation loss. The test set is only used to report the
+prediction error `||X_test (beta_hat - beta)||^2 / n` of each, over several
+seeds.
+
+Behdin and Mazumder (arXiv 2302.11836) prove that, under conditions, SAM
+has a smaller prediction error than gradient descent in kernel regression.
+One way to see it here: the SAM gradient `g + rho * H g / ||g||` (for this
+quadratic loss with Hessian `H`) moves faster along the top eigendirections,
+where a smooth target keeps its signal, so the best stopping point comes
+before the small, noise-fitting directions are learned. With an isotropic
+target (`--decay 0`) the two come out about even.
 
 Runs in about a minute on 2 CPU cores with the defaults; pick the backend
 with KERAS_BACKEND.
 
     python examples/sam_vs_gd_regression.py
-    python examples/sam_vs_gd_regression.py --seeds 20 --rho 0.5 --noise 2
+    python examples/sam_vs_gd_regression.py --seeds 40 --noise 2
+    python examples/sam_vs_gd_regression.py --decay 0  # slower: GD stops late
 """
 
 import argparse
@@ -23,18 +36,19 @@ import numpy as np
 import keras_sam
 
 
-def make_data(n, d, noise, seed):
+def make_data(n, d, noise, decay, seed):
     rng = np.random.default_rng(seed)
-    # Features with a decaying spectrum: some directions are learned slowly.
-    scales = 1.0 / np.sqrt(np.arange(1, d + 1))
-    beta = rng.normal(size=d).astype("float32")
+    j = np.arange(1, d + 1)
+    scales = j**-0.5  # feature j has variance 1 / j
+    beta = (rng.normal(size=d) * j ** (-decay / 2)).astype("float32")
 
     def sample(m):
         x = (rng.normal(size=(m, d)) * scales).astype("float32")
         y = x @ beta + noise * rng.normal(size=m)
         return x, y[:, None].astype("float32")
 
-    return sample(n), sample(n // 2), sample(1000), beta
+    # train, validation (same size), test
+    return sample(n), sample(n), sample(1000), beta
 
 
 def prediction_error(model, x_test, beta):
@@ -42,7 +56,12 @@ def prediction_error(model, x_test, beta):
     return float(np.mean((x_test @ (kernel - beta)) ** 2))
 
 
-def fit(train, val, lr, rho, max_steps, patience, seed):
+def fit(train, val, lr, rho, max_steps, check_every, patience, seed):
+    """Early-stopped full-batch GD (`rho=None`) or SAM.
+
+    Returns the model with its best weights (restored), their validation
+    loss and the number of steps that reached them.
+    """
     keras.utils.set_random_seed(seed)
     base = keras.Sequential(
         [
@@ -62,9 +81,8 @@ def fit(train, val, lr, rho, max_steps, patience, seed):
     )  # patience in validation checks
     # Every batch is the whole training set (one GD / SAM step); an "epoch"
     # is `check_every` such steps, after which validation decides.
-    check_every = 10
     x, y = (np.tile(a, (check_every, 1)) for a in train)
-    history = model.fit(
+    model.fit(
         x,
         y,
         batch_size=len(train[0]),
@@ -74,45 +92,71 @@ def fit(train, val, lr, rho, max_steps, patience, seed):
         verbose=0,
         callbacks=[stop],
     )
-    return base, check_every * len(history.history["loss"])
+    return base, float(stop.best), check_every * (stop.best_epoch + 1)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=60)
-    parser.add_argument("--features", type=int, default=40)
+    parser.add_argument("--features", type=int, default=200)
     parser.add_argument("--noise", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=0.5)
-    parser.add_argument("--rho", type=float, default=0.2)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument(
+        "--decay",
+        type=float,
+        default=2.0,
+        help="target coefficient j has variance j**-decay (0: isotropic)",
+    )
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument(
+        "--rho",
+        default="0.1,0.3,1.0",
+        help="comma-separated grid; the validation loss picks one per seed",
+    )
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=800)
+    parser.add_argument("--check-every", type=int, default=5)
+    parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--output", default="sam_vs_gd_regression.png")
     args = parser.parse_args()
+    rhos = [float(r) for r in args.rho.split(",")]
 
-    errors = {"GD": [], "SAM": []}
+    rows = []  # (gd error, gd steps, sam error, sam steps, rho)
     bar = keras.utils.Progbar(args.seeds, unit_name="seed")
     for seed in range(args.seeds):
         train, val, test, beta = make_data(
-            args.samples, args.features, args.noise, seed
+            args.samples, args.features, args.noise, args.decay, seed
         )
-        for name, rho in (("GD", None), ("SAM", args.rho)):
-            model, steps = fit(
-                train, val, args.lr, rho, args.max_steps, args.patience, seed
-            )
-            errors[name].append(prediction_error(model, test[0], beta))
+        stopping = (args.max_steps, args.check_every, args.patience, seed)
+        model, _, gd_steps = fit(train, val, args.lr, None, *stopping)
+        gd = prediction_error(model, test[0], beta)
+        # rho by validation loss: the test set plays no part in the choice
+        best = None
+        for rho in rhos:
+            model, val_loss, steps = fit(train, val, args.lr, rho, *stopping)
+            if best is None or val_loss < best[0]:
+                best = (val_loss, model, steps, rho)
+        _, model, sam_steps, rho = best
+        sam = prediction_error(model, test[0], beta)
+        rows.append((gd, gd_steps, sam, sam_steps, rho))
         bar.update(seed + 1)
 
-    print(f"{'seed':>4} {'GD error':>10} {'SAM error':>10}")
-    for seed, (gd, sam) in enumerate(zip(errors["GD"], errors["SAM"])):
-        print(f"{seed:4d} {gd:10.4f} {sam:10.4f}")
-    for name, values in errors.items():
+    print(
+        f"{'seed':>4} {'GD error':>9} {'stop':>5} "
+        f"{'SAM error':>9} {'stop':>5} {'rho':>5}"
+    )
+    for seed, (gd, gd_steps, sam, sam_steps, rho) in enumerate(rows):
         print(
-            f"{name}: mean prediction error {np.mean(values):.4f} "
-            f"+- {np.std(values) / np.sqrt(len(values)):.4f}"
+            f"{seed:4d} {gd:9.4f} {gd_steps:5d} {sam:9.4f} {sam_steps:5d} "
+            f"{rho:5.2f}"
         )
-    wins = np.mean(np.array(errors["SAM"]) < np.array(errors["GD"]))
-    print(f"SAM better on {100 * wins:.0f}% of seeds")
+    gd, _, sam, _, _ = map(np.array, zip(*rows))
+    sem = lambda v: np.std(v) / np.sqrt(len(v))  # noqa: E731
+    print(f"GD:  mean prediction error {gd.mean():.4f} +- {sem(gd):.4f}")
+    print(f"SAM: mean prediction error {sam.mean():.4f} +- {sem(sam):.4f}")
+    print(
+        f"SAM - GD (paired): {np.mean(sam - gd):+.4f} +- {sem(sam - gd):.4f}"
+        f"; SAM better on {100 * np.mean(sam < gd):.0f}% of seeds"
+    )
 
     import matplotlib
 
@@ -120,10 +164,12 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.boxplot([errors["GD"], errors["SAM"]])
-    ax.set_xticks([1, 2], ["GD", f"SAM (rho={args.rho})"])
-    ax.set_ylabel("prediction error (early stopped)")
-    ax.set_title(f"Linear regression, {args.seeds} seeds")
+    ax.boxplot([gd, sam])
+    for a, b in zip(gd, sam):
+        ax.plot([1, 2], [a, b], color="gray", lw=0.5, alpha=0.6)
+    ax.set_xticks([1, 2], ["GD", "SAM (rho by validation)"])
+    ax.set_ylabel("test prediction error (early stopped)")
+    ax.set_title(f"Noisy regression, {args.seeds} seeds")
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")
