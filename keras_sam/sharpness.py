@@ -387,8 +387,7 @@ class Hessian:
         self.num_hvps = 0
         self.variables = list(model.trainable_variables)
         self._states = list(model.non_trainable_variables)
-        self._sizes = [int(np.prod(v.shape)) for v in self.variables]
-        self.size = sum(self._sizes)
+        self.size = sum(int(np.prod(v.shape)) for v in self.variables)
 
         # Batch weights as tensors: a compiled function retraces for every
         # new Python number but not for a new tensor value. One batch: none.
@@ -453,9 +452,7 @@ class Hessian:
             List of tensors, one per trainable variable.
         """
         vectors = self._check_vectors(vectors)
-        return self._hvp_values(self._values(), self._state_values(), vectors)
-
-    def _hvp_values(self, values, states, vectors):
+        values, states = self._values(), self._state_values()
         self.num_hvps += 1
         result = None
         for weight, (_, x, y, sample_weight) in zip(self.weights, self.batches):

@@ -179,8 +179,8 @@ def train_step(model, data):
 
 
 def _leaves(values):
-    """Detached copies of `values` that autograd differentiates against."""
-    # `detach` shares the storage (nothing here writes to it), so no copy.
+    """Detached views of `values` (the same storage, no copy: nothing here
+    writes to it) that autograd differentiates against."""
     return [torch.as_tensor(w).detach().requires_grad_(True) for w in values]
 
 
