@@ -304,7 +304,8 @@ def _compiled_functions(model, loss_fn, training):
 
 class _BatchFunctions:
     """The compiled functions of one batch's loss (see `_compiled_functions`);
-    `fused(step)` also compiles `step(H v, v, *extra)` as one call."""
+    `fused(step)` also compiles `step(H v, v, *extra)` as one call, and
+    `lanczos(k)` compiles `k` Lanczos iterations as one call."""
 
     def __init__(self, value_and_grad, hvp, flat_hvp):
         self._flat_hvp_python = flat_hvp
@@ -312,6 +313,7 @@ class _BatchFunctions:
         self.hvp = backend.compile_function(hvp)
         self.flat_hvp = backend.compile_function(flat_hvp)
         self._fused = {}
+        self._lanczos = {}
 
     def fused(self, step):
         if step not in self._fused:
@@ -325,6 +327,21 @@ class _BatchFunctions:
 
             self._fused[step] = backend.compile_function(fused)
         return self._fused[step]
+
+    def lanczos(self, k):
+        if k not in self._lanczos:
+            flat_hvp = self._flat_hvp_python
+
+            def steps(values, q, state_values, x, y, sample_weight, *carry):
+                def matvec(v):
+                    return flat_hvp(
+                        values, v, None, state_values, x, y, sample_weight
+                    )
+
+                return _lanczos_steps(matvec, k, q, *carry)
+
+            self._lanczos[k] = backend.compile_function(steps)
+        return self._lanczos[k]
 
 
 class Hessian:
@@ -504,6 +521,35 @@ class Hessian:
         step = _compiled_step(step)
         return lambda flat, *extra: step(matvec(flat), flat, *extra)
 
+    def _lanczos_operator(self):
+        """`(n, q, q_previous, beta) -> (q, q_previous, beta, block, stats)`:
+        `min(n, k)` Lanczos iterations (`_lanczos_steps`) in one call.
+
+        On one batch they are one compiled call. On a GPU or TPU `k` is
+        `_ACCELERATOR_ITERATIONS`: there a call and the read of its scalars
+        cost more host time than the device spends on an iteration of a
+        model of this size, so fewer calls and reads is what saves time. On
+        a CPU `k = 1`: the product dominates, and iterations past the
+        stopping point would be computed for nothing. Several batches:
+        `k = 1`, one call per batch (`_flat_operator`) and one for the
+        recurrence.
+        """
+        values, states = self._values(), self._state_values()
+        if len(self.batches) == 1:
+            k = _ACCELERATOR_ITERATIONS if backend.on_accelerator() else 1
+            _, x, y, sample_weight = self.batches[0]
+
+            def iterate(n, q, *carry):
+                n = min(n, k)
+                self.num_hvps += n
+                steps = self._functions.lanczos(n)
+                return steps(values, q, states, x, y, sample_weight, *carry)
+
+            return iterate
+        matvec = self._flat_operator()
+        step = _compiled_step(_lanczos_block_step)
+        return lambda n, q, *carry: step(matvec(q), q, *carry)
+
     def _rademacher_vector(self, rng):
         """A probe of +-1 from numpy's `rng` (the same on every backend)."""
         sample = rng.integers(0, 2, size=self.size) * 2 - 1
@@ -538,7 +584,12 @@ class Hessian:
         distance from `theta` to the next Ritz value. The number of
         iterations depends on the spectrum: 15-47 at `tol=1e-3` for the
         1M-parameter MLP of `benchmarks/hessian.py`, whose top eigenvalues
-        lie within 3% of each other. Power iteration repeats
+        lie within 3% of each other. On a GPU or TPU eight iterations run
+        as one compiled call, because there the calls and reads, not the
+        device, take most of the time of a model this size; each iteration
+        is still checked, so the result is the same, and the products
+        computed past the stop are dropped (`num_hvps` counts every
+        product). Power iteration repeats
         `v <- H v / ||H v||` and stops when `v . H v` changes by at most
         `tol` relative; it finds the eigenvalue of largest magnitude and
         converges more slowly.
@@ -566,7 +617,7 @@ class Hessian:
         seed = _check_int("seed", seed, 0)
         start = self._start_vector(seed)
         if method == "lanczos":
-            iterate = self._flat_operator(_lanczos_step)
+            iterate = self._lanczos_operator()
             theta, flat = _lanczos(
                 iterate, start, max_iter, tol, return_eigenvector
             )
@@ -675,6 +726,36 @@ def _lanczos_step(w, q, q_previous, beta_previous):
     return q_next, beta, ops.stack([alpha, beta])
 
 
+def _lanczos_block_step(w, q, q_previous, beta_previous):
+    """`_lanczos_step` as one iteration of `_lanczos_steps`."""
+    q_next, beta, stats = _lanczos_step(w, q, q_previous, beta_previous)
+    block = ops.expand_dims(q_next, 0)
+    return q_next, q, beta, block, ops.expand_dims(stats, 0)
+
+
+def _lanczos_steps(matvec, k, q, q_previous, beta):
+    """`k` iterations of `_lanczos_step` with `w = matvec(q)`, in a loop of
+    the compiled function.
+
+    Returns `(q, q_previous, beta)` after the last, the new basis vectors
+    `q_{j+1}..q_{j+k}` as the rows of `block` and their `(alpha, beta)` as
+    the rows of `stats`.
+    """
+    if k == 1:
+        return _lanczos_block_step(matvec(q), q, q_previous, beta)
+
+    def body(i, carry):
+        q, q_previous, beta, block, stats = carry
+        q_next, beta, row = _lanczos_step(matvec(q), q, q_previous, beta)
+        block = ops.slice_update(block, (i, 0), ops.expand_dims(q_next, 0))
+        stats = ops.slice_update(stats, (i, 0), ops.expand_dims(row, 0))
+        return q_next, q, beta, block, stats
+
+    block = ops.zeros((k, q.shape[0]), dtype=q.dtype)
+    stats = ops.zeros((k, 2), dtype=q.dtype)
+    return ops.fori_loop(0, k, body, (q, q_previous, beta, block, stats))
+
+
 def _power_step(w, v):
     """`theta = v . H v`, `v <- H v / ||H v||`."""
     theta = ops.vdot(v, w)
@@ -684,6 +765,10 @@ def _power_step(w, v):
 
 
 _STEPS = {}
+
+# Lanczos iterations per compiled call on a GPU or TPU (see
+# `Hessian._lanczos_operator`); on a CPU, one.
+_ACCELERATOR_ITERATIONS = 8
 
 
 def _compiled_step(fn):
@@ -727,15 +812,17 @@ def _orthogonality_estimate(omega, omega_previous, alphas, betas, beta, norm):
     return np.concatenate([term / beta, [_EPS * norm / beta, 1.0]])
 
 
-def _reorthogonalize(basis, q):
-    """`q` made orthogonal to the rows of `basis` (classical Gram-Schmidt,
-    repeated once if it cancelled much of `q`: "twice is enough"), returned
-    normalized with the norm it had before."""
-    rows = ops.stack(basis)
+def _reorthogonalize(blocks, q):
+    """`q` made orthogonal to the rows of the matrices `blocks` (classical
+    Gram-Schmidt, block by block, repeated once if it cancelled much of `q`:
+    "twice is enough"), returned normalized with the norm it had before."""
     norm = 1.0  # q arrives normalized
     for _ in range(2):
-        coefficients = ops.matmul(rows, ops.expand_dims(q, 1))  # (k, 1)
-        q = ops.subtract(q, ops.matmul(ops.transpose(coefficients), rows)[0])
+        for rows in blocks:
+            coefficients = ops.matmul(rows, ops.expand_dims(q, 1))  # (m, 1)
+            q = ops.subtract(
+                q, ops.matmul(ops.transpose(coefficients), rows)[0]
+            )
         previous, norm = norm, _norm(q)
         if norm > 0.7 * previous:  # little was cancelled: once is enough
             break
@@ -745,53 +832,98 @@ def _reorthogonalize(basis, q):
 def _lanczos(iterate, start, max_iter, tol, return_vector=False):
     """Largest Ritz pair by Lanczos with partial reorthogonalization.
 
-    `iterate(q, q_previous, beta_previous)` is one product fused with
-    `_lanczos_step`: one compiled call and one read of two scalars per
-    iteration. The basis is reorthogonalized only when Simon's estimate of
-    the loss of orthogonality passes sqrt(eps); on a top eigenvalue that
-    rarely happens before convergence, so an iteration costs one product
-    and a few vector operations, not O(k) of them.
+    `iterate(n, q, q_previous, beta)` runs `1 <= k <= n` iterations of the
+    recurrence (`_lanczos_steps`) in one compiled call; their `(alpha, beta)`
+    are read in one go and checked one iteration at a time, so the result
+    does not depend on `k` (iterations computed past the stop are dropped).
+    The basis is reorthogonalized only when Simon's estimate of the loss of
+    orthogonality passes sqrt(eps); then the iterations after that one are
+    dropped too and the next call starts from the reorthogonalized vector.
+    On a top eigenvalue that rarely happens before convergence, so an
+    iteration costs one product and a few vector operations, not O(k).
     """
     q = ops.divide(start, ops.norm(start))
     q_previous = ops.zeros_like(q)
     beta_tensor = ops.zeros((), dtype="float32")
-    basis = [q]  # q_0..q_k, kept for reorthogonalization and the eigenvector
+    # The basis q_0, q_1, ... in blocks of rows, kept for reorthogonalization
+    # and the eigenvector.
+    blocks = [ops.expand_dims(q, 0)]
     alphas, betas = [], []
     omega_previous, omega = np.zeros(0), np.ones(1)
     norm = 0.0  # running Gershgorin bound on ||T_k||, standing in for ||H||
     theta, ritz = 0.0, np.ones(1)
-    for _ in range(max_iter):
-        q_next, beta_tensor, stats = iterate(q, q_previous, beta_tensor)
-        alpha, beta = _scalars(stats)
-        alphas.append(alpha)
-        norm = max(norm, abs(alpha) + beta + (betas[-1] if betas else 0.0))
-        tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        eigenvalues, eigenvectors = np.linalg.eigh(tridiagonal)
-        theta, ritz = float(eigenvalues[-1]), eigenvectors[:, -1]
-        # r = ||H y - theta y|| for the Ritz vector y = Q_k s bounds the
-        # error by r, and by r^2 / gap with the gap to the next Ritz value.
-        residual = beta * abs(ritz[-1])
-        error = residual
-        if len(eigenvalues) > 1 and theta > eigenvalues[-2]:
-            error = min(residual, residual**2 / (theta - eigenvalues[-2]))
-        if error <= tol * abs(theta) or beta <= _NORM_EPSILON * max(norm, 1.0):
-            break
-        omega_next = _orthogonality_estimate(
-            omega, omega_previous, alphas, betas, beta, norm
+    done = False
+    follow_up = False  # the vector after a reorthogonalized one is due too
+    while not done:
+        q_last, q_previous_last, beta_last, block, stats = iterate(
+            1 if follow_up else max_iter - len(alphas),
+            q,
+            q_previous,
+            beta_tensor,
         )
-        if np.max(np.abs(omega_next[:-1])) > _SEMI_ORTHOGONAL:
-            q_next, scale = _reorthogonalize(basis, q_next)
-            beta *= scale
-            beta_tensor = ops.convert_to_tensor(np.float32(beta))
-            omega_next[:-1] = _EPS * norm / beta
-        betas.append(beta)
-        q_previous, q = q, q_next
-        basis.append(q)
-        omega_previous, omega = omega, omega_next
+        restart = None
+        for i, (alpha, beta) in enumerate(ops.convert_to_numpy(stats)):
+            alpha, beta = float(alpha), float(beta)
+            alphas.append(alpha)
+            norm = max(norm, abs(alpha) + beta + (betas[-1] if betas else 0.0))
+            tridiagonal = (
+                np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+            )
+            eigenvalues, eigenvectors = np.linalg.eigh(tridiagonal)
+            theta, ritz = float(eigenvalues[-1]), eigenvectors[:, -1]
+            # r = ||H y - theta y|| for the Ritz vector y = Q_k s bounds the
+            # error by r, and by r^2 / gap with the gap to the next Ritz
+            # value.
+            residual = beta * abs(ritz[-1])
+            error = residual
+            if len(eigenvalues) > 1 and theta > eigenvalues[-2]:
+                error = min(residual, residual**2 / (theta - eigenvalues[-2]))
+            done = (
+                error <= tol * abs(theta)
+                or beta <= _NORM_EPSILON * max(norm, 1.0)
+                or len(alphas) >= max_iter
+            )
+            if done:
+                break
+            omega_next = _orthogonality_estimate(
+                omega, omega_previous, alphas, betas, beta, norm
+            )
+            lost = np.max(np.abs(omega_next[:-1])) > _SEMI_ORTHOGONAL
+            if lost or follow_up:
+                # q_{j+1} = block[i] against q_0..q_j; the rest of the block
+                # was computed from the unorthogonalized vector: dropped.
+                # q_{j+2} follows (Simon's two-step rule): it is made from
+                # q_j, whose loss of orthogonality the recurrence carries
+                # forward, so without it the estimate passes again at once.
+                # Joined once for the pair: many small products cost more
+                # than one copy of the basis.
+                if len(blocks) > 1:
+                    blocks = [ops.concatenate(blocks, axis=0)]
+                kept = [block[:i]] if i else []  # q_{j+1-i}..q_j
+                q_next, scale = _reorthogonalize(blocks + kept, block[i])
+                beta *= scale
+                omega_next[:-1] = _EPS * norm / beta
+                restart = (i, kept, q_next, beta)
+                follow_up = not follow_up
+            betas.append(beta)
+            omega_previous, omega = omega, omega_next
+            if restart is not None:
+                break
+        if done:
+            blocks.append(block)
+        elif restart is None:
+            blocks.append(block)
+            q, q_previous, beta_tensor = q_last, q_previous_last, beta_last
+        else:
+            i, kept, q_next, beta = restart
+            q_previous = block[i - 1] if i > 0 else q
+            blocks += kept + [ops.expand_dims(q_next, 0)]
+            q, beta_tensor = q_next, ops.convert_to_tensor(np.float32(beta))
     if not return_vector:
         return theta, None
+    basis = ops.concatenate(blocks, axis=0)[: len(alphas)]
     ritz = ops.convert_to_tensor(ritz.astype("float32")[None, :])
-    return theta, ops.matmul(ritz, ops.stack(basis[: len(alphas)]))[0]
+    return theta, ops.matmul(ritz, basis)[0]
 
 
 def _power_iteration(iterate, start, max_iter, tol):

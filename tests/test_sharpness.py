@@ -123,18 +123,38 @@ def test_lanczos_stopped_early_gives_a_lower_bound():
     assert value <= np.linalg.eigvalsh(matrix)[-1] + 1e-4
 
 
-def test_lanczos_keeps_its_basis_orthogonal_past_convergence():
+def _iterations_per_call(monkeypatch, k):
+    """Lanczos as on an accelerator, `k` iterations per compiled call."""
+    monkeypatch.setattr(sharpness.backend, "on_accelerator", lambda: True)
+    monkeypatch.setattr(sharpness, "_ACCELERATOR_ITERATIONS", k)
+
+
+@pytest.mark.parametrize("per_call", [1, 3])
+def test_lanczos_keeps_its_basis_orthogonal_past_convergence(
+    per_call, monkeypatch
+):
     # A tolerance far below float32's reach keeps Lanczos going after the
     # top pair has converged. Without reorthogonalization the basis loses
     # orthogonality along that pair and copies of it appear ("ghosts"):
     # here Q s then has norm 0.14, not 1 (measured with the threshold set
-    # to infinity). Partial reorthogonalization keeps the pair exact.
+    # to infinity). Partial reorthogonalization keeps the pair exact; with
+    # several iterations per call, the ones computed after a vector that
+    # needed it are dropped and recomputed.
+    _iterations_per_call(monkeypatch, per_call)
     dim = 120
     rng = np.random.default_rng(3)
     q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
     spectrum = np.concatenate([[40.0, 30.0], rng.uniform(0.0, 10.0, dim - 2)])
     model, data, loss = _quadratic((q * spectrum) @ q.T)
     hessian = sharpness.Hessian(model, data, loss=loss)
+    reorthogonalized = []
+    original = sharpness._reorthogonalize
+
+    def counting(blocks, vector):
+        reorthogonalized.append(sum(int(b.shape[0]) for b in blocks))
+        return original(blocks, vector)
+
+    monkeypatch.setattr(sharpness, "_reorthogonalize", counting)
     value, vector = hessian.top_eigenvalue(
         max_iter=80, tol=1e-300, return_eigenvector=True
     )
@@ -143,6 +163,62 @@ def test_lanczos_keeps_its_basis_orthogonal_past_convergence():
     np.testing.assert_allclose(value, 40.0, rtol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(v), 1.0, atol=1e-5)
     assert abs(v @ q[:, 0]) > 1.0 - 1e-5
+    # Vectors are reorthogonalized in pairs of consecutive ones (Simon's
+    # rule; the stop may cut the last pair), each against the whole basis
+    # before it; with single ones the estimate would pass again at once, at
+    # every other iteration.
+    assert len(reorthogonalized) >= 4
+    whole = len(reorthogonalized) // 2 * 2
+    pairs = np.reshape(reorthogonalized[:whole], (-1, 2))
+    np.testing.assert_array_equal(pairs[:, 1], pairs[:, 0] + 1)
+    assert np.all(np.diff(pairs[:, 0]) >= 3)
+
+
+def test_lanczos_gives_the_same_result_with_several_iterations_per_call(
+    monkeypatch,
+):
+    # On an accelerator several iterations run as one compiled call; each is
+    # still checked, so the estimate and the stopping point do not change,
+    # only products past the stop, or past a vector that needed
+    # reorthogonalization, are computed and dropped.
+    matrix = _spd_matrix(seed=2, dim=60)
+    model, data, loss = _quadratic(matrix)
+    calls = []
+    original = sharpness._reorthogonalize
+    monkeypatch.setattr(
+        sharpness,
+        "_reorthogonalize",
+        lambda *args: calls.append(1) or original(*args),
+    )
+    results, products, restarts = {}, {}, {}
+    for per_call in (1, 4, 8):
+        _iterations_per_call(monkeypatch, per_call)
+        for tol in (1e-3, 1e-6):  # 1e-6 reorthogonalizes on the way
+            hessian = sharpness.Hessian(model, data, loss=loss)
+            calls.clear()
+            value, vector = hessian.top_eigenvalue(
+                tol=tol, return_eigenvector=True
+            )
+            results[per_call, tol] = value, np.ravel(_numpy(vector)[0])
+            products[per_call, tol] = hessian.num_hvps
+            restarts[per_call, tol] = len(calls)
+        # max_iter bounds the products, whatever the call size.
+        hessian = sharpness.Hessian(model, data, loss=loss)
+        hessian.top_eigenvalue(max_iter=6, tol=1e-300)
+        assert hessian.num_hvps == 6
+    expected = np.linalg.eigvalsh(matrix)[-1]
+    np.testing.assert_allclose(results[1, 1e-6][0], expected, rtol=1e-5)
+    assert restarts[1, 1e-6] >= 2
+    for per_call in (4, 8):
+        for tol in (1e-3, 1e-6):
+            value, vector = results[per_call, tol]
+            np.testing.assert_allclose(value, results[1, tol][0], rtol=1e-6)
+            np.testing.assert_allclose(vector, results[1, tol][1], atol=1e-5)
+            assert restarts[per_call, tol] == restarts[1, tol]
+            # Less than one call's worth is dropped at the stop and at
+            # each reorthogonalization.
+            extra = products[per_call, tol] - products[1, tol]
+            assert 0 <= extra < per_call * (1 + restarts[1, tol])
 
 
 def test_lanczos_finds_largest_not_largest_magnitude():

@@ -27,3 +27,5 @@ train_step = _impl.train_step
 hvp = _impl.hvp
 value_and_grad = _impl.value_and_grad
 compile_function = _impl.compile_function
+# Whether the backend computes on a GPU/TPU: per-call costs dominate there.
+on_accelerator = _impl.on_accelerator

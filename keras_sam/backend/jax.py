@@ -266,3 +266,8 @@ def compile_function(fn, jit_compile=False):
     """`fn` compiled once per input shape (`jax.jit`) and reused; JAX
     always compiles, `jit_compile` is accepted for the other backends."""
     return jax.jit(fn)
+
+
+def on_accelerator():
+    """Whether JAX computes on a GPU or TPU (not the CPU)."""
+    return jax.default_backend() != "cpu"

@@ -300,3 +300,11 @@ def compile_function(fn, jit_compile=False):
     graph is slower under XLA on CPU and may hold ops XLA lacks).
     """
     return tf.function(fn, reduce_retracing=True, jit_compile=jit_compile)
+
+
+def on_accelerator():
+    """Whether TensorFlow places computations on a GPU or TPU."""
+    return bool(
+        tf.config.list_logical_devices("GPU")
+        or tf.config.list_logical_devices("TPU")
+    )

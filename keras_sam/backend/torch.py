@@ -230,3 +230,9 @@ def compile_function(fn, jit_compile=False):
     """`fn` itself: torch runs eagerly, as Keras' torch backend does
     without `jit_compile` (`jit_compile` is accepted and ignored)."""
     return fn
+
+
+def on_accelerator():
+    """Whether Keras' torch backend computes on a GPU (it picks CUDA, then
+    MPS, when available)."""
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
