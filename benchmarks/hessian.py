@@ -7,8 +7,11 @@ Measures, on the current Keras backend, for an MLP of about 1M parameters
   (`Hessian.hvp`), median over repeats after warm-up (compilation excluded);
   target: HVP / gradient <= 2.5;
 - `Hessian.top_eigenvalue` (Lanczos, tol 1e-3, start seeds 0, 1, 2) in units
-  of one HVP, median over rounds; target: < 30 HVPs of time. Also the time
-  of one Lanczos iteration in HVPs (1 would be no overhead at all).
+  of one HVP, median over rounds; target: < 30 HVPs of time. Also the
+  products Lanczos computed and the time of one of them in HVPs (1 would be
+  no overhead at all; on an accelerator a few past the stop are computed,
+  several iterations being one call), and the time of a first call, which
+  compiles.
 
 The three are timed in interleaved rounds, so that load on a shared machine
 affects them alike.
@@ -113,7 +116,14 @@ def main():
     hvp_fn = lambda: _block(hessian.hvp(vectors))  # noqa: E731
     for _ in range(2):  # warm-up: compilation excluded
         grad_fn(), hvp_fn()
-    hessian.top_eigenvalue(max_iter=3)
+    # One full run per seed compiles every call the timed runs make (on an
+    # accelerator Lanczos compiles several iterations as one call); the
+    # first also reports what a first call costs with compilation.
+    start = time.perf_counter()
+    hessian.top_eigenvalue(seed=0, tol=args.tol)
+    first_call = time.perf_counter() - start
+    for seed in (1, 2):
+        hessian.top_eigenvalue(seed=seed, tol=args.tol)
     grad_times, hvp_times, eigen_times, counts = [], [], [], []
     for round_ in range(args.rounds):
         grad_times += _times(grad_fn, args.repeats)
@@ -142,8 +152,9 @@ def main():
         "top_eigenvalue": value,
         "top_eigenvalue_s": t_eigen,
         "top_eigenvalue_in_hvps": t_eigen / t_hvp,
-        "lanczos_iterations": counts,
-        "iteration_in_hvps": per_iteration,
+        "lanczos_products": counts,
+        "product_in_hvps": per_iteration,
+        "first_top_eigenvalue_s": first_call,
         "targets": {"hvp_over_gradient": 2.5, "top_eigenvalue_in_hvps": 30},
     }
     rows = [
@@ -155,12 +166,13 @@ def main():
         ("top eigenvalue", f"{value:.4f}", ""),
         ("top eigenvalue (ms)", f"{1e3 * t_eigen:.1f}", ""),
         ("top eigenvalue / HVP", f"{t_eigen / t_hvp:.1f}", "< 30"),
-        ("Lanczos iterations", str(counts), ""),
-        ("one iteration / HVP", f"{per_iteration:.2f}", ""),
+        ("Lanczos products", str(counts), ""),
+        ("one product / HVP", f"{per_iteration:.2f}", ""),
+        ("first call, compiling (s)", f"{first_call:.2f}", ""),
     ]
-    print(f"{'quantity':<24}{'value':>16}  target")
+    print(f"{'quantity':<26}{'value':>16}  target")
     for name, value_text, target in rows:
-        print(f"{name:<24}{value_text:>16}  {target}")
+        print(f"{name:<26}{value_text:>16}  {target}")
     output = args.output or f"hessian_{backend}.json"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
