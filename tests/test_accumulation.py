@@ -8,7 +8,6 @@ micro-batch); `clipnorm` / `global_clipnorm` clip g_adv only.
 """
 
 import keras
-import numpy as np
 import pytest
 
 import keras_sam
