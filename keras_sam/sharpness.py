@@ -546,9 +546,8 @@ class Hessian:
                 return steps(values, q, states, x, y, sample_weight, *carry)
 
             return iterate
-        matvec = self._flat_operator()
-        step = _compiled_step(_lanczos_block_step)
-        return lambda n, q, *carry: step(matvec(q), q, *carry)
+        iterate = self._flat_operator(_lanczos_block_step)
+        return lambda n, q, *carry: iterate(q, *carry)
 
     def _rademacher_vector(self, rng):
         """A probe of +-1 from numpy's `rng` (the same on every backend)."""

@@ -129,6 +129,19 @@ def _iterations_per_call(monkeypatch, k):
     monkeypatch.setattr(sharpness, "_ACCELERATOR_ITERATIONS", k)
 
 
+def _record_reorthogonalizations(monkeypatch):
+    """A list that receives the basis size of every reorthogonalization."""
+    sizes = []
+    original = sharpness._reorthogonalize
+
+    def recording(blocks, vector):
+        sizes.append(sum(int(b.shape[0]) for b in blocks))
+        return original(blocks, vector)
+
+    monkeypatch.setattr(sharpness, "_reorthogonalize", recording)
+    return sizes
+
+
 @pytest.mark.parametrize("per_call", [1, 3])
 def test_lanczos_keeps_its_basis_orthogonal_past_convergence(
     per_call, monkeypatch
@@ -147,14 +160,7 @@ def test_lanczos_keeps_its_basis_orthogonal_past_convergence(
     spectrum = np.concatenate([[40.0, 30.0], rng.uniform(0.0, 10.0, dim - 2)])
     model, data, loss = _quadratic((q * spectrum) @ q.T)
     hessian = sharpness.Hessian(model, data, loss=loss)
-    reorthogonalized = []
-    original = sharpness._reorthogonalize
-
-    def counting(blocks, vector):
-        reorthogonalized.append(sum(int(b.shape[0]) for b in blocks))
-        return original(blocks, vector)
-
-    monkeypatch.setattr(sharpness, "_reorthogonalize", counting)
+    reorthogonalized = _record_reorthogonalizations(monkeypatch)
     value, vector = hessian.top_eigenvalue(
         max_iter=80, tol=1e-300, return_eigenvector=True
     )
@@ -183,13 +189,7 @@ def test_lanczos_gives_the_same_result_with_several_iterations_per_call(
     # reorthogonalization, are computed and dropped.
     matrix = _spd_matrix(seed=2, dim=60)
     model, data, loss = _quadratic(matrix)
-    calls = []
-    original = sharpness._reorthogonalize
-    monkeypatch.setattr(
-        sharpness,
-        "_reorthogonalize",
-        lambda *args: calls.append(1) or original(*args),
-    )
+    calls = _record_reorthogonalizations(monkeypatch)
     results, products, restarts = {}, {}, {}
     for per_call in (1, 4, 8):
         _iterations_per_call(monkeypatch, per_call)
@@ -296,6 +296,11 @@ def test_full_data_average_over_uneven_batches():
         hessian = sharpness.Hessian(model, **kwargs)
         assert hessian.num_samples == 20, name
         assert _rel(_numpy(hessian.hvp(vectors)), expected) < 1e-3, name
+    # Lanczos over several batches (one call per batch, then the step)
+    # gives the one-batch value.
+    one_batch = sharpness.top_eigenvalue(model, (x, y), tol=1e-8)
+    batched = sharpness.top_eigenvalue(model, (x, y), batch_size=7, tol=1e-8)
+    np.testing.assert_allclose(batched, one_batch, rtol=1e-6)
     # `steps` reads only the first batches.
     hessian = sharpness.Hessian(model, (x, y), batch_size=7, steps=2)
     assert hessian.num_samples == 14
