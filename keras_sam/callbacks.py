@@ -5,7 +5,14 @@ from keras import ops
 
 from keras_sam import optimizers as sam_optimizers
 from keras_sam import sharpness
+from keras_sam._data import as_batches
+from keras_sam._validation import check_choice
+from keras_sam._validation import check_float
+from keras_sam._validation import check_int
+from keras_sam._validation import check_positive_int
+from keras_sam._validation import check_rho
 from keras_sam.optimum_shift import OptimumShifting  # noqa: F401
+from keras_sam.sharpness.hessian import METHODS
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -94,27 +101,21 @@ class SharpnessMonitor(keras.callbacks.Callback):
         seed=0,
     ):
         super().__init__()
-        self.every_n_epochs = sharpness._check_int(
-            "every_n_epochs", every_n_epochs, 1
+        self.every_n_epochs = check_positive_int(
+            "every_n_epochs", every_n_epochs
         )
-        if method not in sharpness._METHODS:
-            raise ValueError(
-                f"`method` must be one of {sharpness._METHODS}. Received: "
-                f"method={method!r}"
-            )
-        self.max_iter = sharpness._check_int("max_iter", max_iter, 1)
-        self.tol = sharpness._check_float("tol", tol, 0.0, strict=True)
-        self.trace_probes = sharpness._check_int(
-            "trace_probes", trace_probes, 0
-        )
+        check_choice("method", method, METHODS)
+        self.max_iter = check_positive_int("max_iter", max_iter)
+        self.tol = check_float("tol", tol, low=0.0, low_open=True)
+        self.trace_probes = check_int("trace_probes", trace_probes, minimum=0)
         if rho is not None:
-            rho = sharpness._check_float("rho", rho)
+            rho = check_rho(rho)
         if momentum is not None:
-            momentum = sharpness._check_float("momentum", momentum)
+            momentum = check_float("momentum", momentum, low=0.0)
         if batch_size is not None:
-            batch_size = sharpness._check_int("batch_size", batch_size, 1)
+            batch_size = check_positive_int("batch_size", batch_size)
         if steps is not None:
-            steps = sharpness._check_int("steps", steps, 1)
+            steps = check_positive_int("steps", steps)
         self.loss = loss
         self.training = bool(training)
         self.batch_size = batch_size
@@ -126,7 +127,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
         # Read the probe data now, so that empty data fails here.
         self._batches = [
             (x, y, sample_weight)
-            for _, x, y, sample_weight in sharpness._as_batches(
+            for _, x, y, sample_weight in as_batches(
                 data, batch_size=batch_size, steps=steps
             )
         ]
@@ -137,9 +138,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             return None
-        sgd = sam_optimizers.find_optimizer(
-            optimizer, keras.optimizers.SGD
-        )
+        sgd = sam_optimizers.find_optimizer(optimizer, keras.optimizers.SGD)
         beta, nesterov = self.momentum, False
         if beta is None:
             if sgd is None:

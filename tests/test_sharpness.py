@@ -125,20 +125,20 @@ def test_lanczos_stopped_early_gives_a_lower_bound():
 
 def _iterations_per_call(monkeypatch, k):
     """Lanczos as on an accelerator, `k` iterations per compiled call."""
-    monkeypatch.setattr(sharpness.backend, "on_accelerator", lambda: True)
-    monkeypatch.setattr(sharpness, "_ACCELERATOR_ITERATIONS", k)
+    monkeypatch.setattr(keras_sam.backend, "on_accelerator", lambda: True)
+    monkeypatch.setattr(sharpness.hessian, "_ACCELERATOR_ITERATIONS", k)
 
 
 def _record_reorthogonalizations(monkeypatch):
     """A list that receives the basis size of every reorthogonalization."""
     sizes = []
-    original = sharpness._reorthogonalize
+    original = sharpness.krylov._reorthogonalize
 
     def recording(blocks, vector):
         sizes.append(sum(int(b.shape[0]) for b in blocks))
         return original(blocks, vector)
 
-    monkeypatch.setattr(sharpness, "_reorthogonalize", recording)
+    monkeypatch.setattr(sharpness.krylov, "_reorthogonalize", recording)
     return sizes
 
 

@@ -1,0 +1,405 @@
+"""`Hessian`: the Hessian of a model's loss over a dataset, as an operator.
+
+```
+L(w) = sum_b (n_b / N) L_b(w)        H v = sum_b (n_b / N) H_b(w) v
+```
+
+It holds the probe data (read once, `keras_sam._data.as_batches`) and the
+compiled functions of one batch's loss (`compiled.py`), and runs the
+estimators: the Krylov solvers of `krylov.py` for the top eigenvalue,
+Hutchinson's estimator for the trace, and the SAM sharpness.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_sam import backend
+from keras_sam._data import as_batches
+from keras_sam._validation import check_choice
+from keras_sam._validation import check_float
+from keras_sam._validation import check_int
+from keras_sam._validation import check_positive_int
+from keras_sam._validation import check_rho
+from keras_sam.sharpness.compiled import compiled_functions
+from keras_sam.sharpness.compiled import compiled_step
+from keras_sam.sharpness.compiled import resolve_loss
+from keras_sam.sharpness.krylov import lanczos
+from keras_sam.sharpness.krylov import lanczos_block_step
+from keras_sam.sharpness.krylov import power_iteration
+from keras_sam.sharpness.krylov import power_step
+from keras_sam.sharpness.vectors import NORM_EPSILON
+from keras_sam.sharpness.vectors import dot
+from keras_sam.sharpness.vectors import flatten
+from keras_sam.sharpness.vectors import l2_norm
+from keras_sam.sharpness.vectors import unflatten
+
+# The solvers of `Hessian.top_eigenvalue`.
+METHODS = ("lanczos", "power")
+
+# Lanczos iterations per compiled call on a GPU or TPU (see
+# `Hessian._lanczos_operator`); on a CPU, one.
+_ACCELERATOR_ITERATIONS = 8
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` must be a `keras.Model` (or a `keras_sam.SAMModel`). "
+            f"Received: model={model!r} of type {type(model).__name__}"
+        )
+    if not model.built or not model.trainable_variables:
+        raise ValueError(
+            "`model` has no trainable variables yet; build it (call it on "
+            "data or give it an `Input`) before measuring its sharpness. "
+            f"Received: model={model.name!r} (built={model.built})"
+        )
+
+
+class Hessian:
+    """The Hessian of a model's loss over a dataset, as an operator.
+
+    The loss is averaged over all of `data` (not one batch) and evaluated at
+    the model's current weights each time a method is called, so one
+    `Hessian` can follow a model through training; the backend functions are
+    compiled once (`tf.function`, `jax.jit`) and reused.
+
+    ```
+    L(w) = sum_b (n_b / N) L_b(w)        H v = sum_b (n_b / N) H_b(w) v
+    ```
+
+    Args:
+        model: A built `keras.Model` or `keras_sam.SAMModel`.
+        data: Arrays `(x, y)` or `(x, y, sample_weight)`, a `tf.data.Dataset`,
+            a `keras.utils.PyDataset`, or an iterable of such batches. It is
+            read once and kept (use a probe set, not a whole large dataset).
+        loss: A Keras loss, loss name, or callable `loss(y_true, y_pred)`;
+            the model's regularization losses are added. Defaults to `None`,
+            the compiled loss of `model` (regularization included).
+        training: Whether to run the model in training mode (BatchNorm batch
+            statistics, dropout with the mask of the layer's current seed
+            state, the same for every product); nothing is updated either
+            way. On torch an unseeded `Dropout` draws a new mask each time,
+            so give it a `seed`. Defaults to `False`.
+        batch_size: Batch size used to cut arrays. Defaults to `None`, all
+            samples in one batch.
+        steps: At most this many batches are read from an iterable `data`
+            (required for an infinite dataset). Defaults to `None`, all.
+
+    Example:
+
+    >>> hessian = keras_sam.sharpness.Hessian(model, (x, y))
+    >>> hessian.top_eigenvalue(), hessian.trace()
+    """
+
+    def __init__(
+        self,
+        model,
+        data,
+        loss=None,
+        training=False,
+        batch_size=None,
+        steps=None,
+    ):
+        _check_model(model)
+        loss_fn = resolve_loss(model, loss)
+        if batch_size is not None:
+            batch_size = check_positive_int("batch_size", batch_size)
+        if steps is not None:
+            steps = check_positive_int("steps", steps)
+        self.model = model
+        self.training = bool(training)
+        self.batches = as_batches(data, batch_size=batch_size, steps=steps)
+        total = sum(n for n, _, _, _ in self.batches)
+        self.weights = [n / total for n, _, _, _ in self.batches]
+        self.num_samples = total
+        self.num_hvps = 0
+        self.variables = list(model.trainable_variables)
+        self._states = list(model.non_trainable_variables)
+        self.size = sum(int(np.prod(v.shape)) for v in self.variables)
+
+        # Batch weights as tensors: a compiled function retraces for every
+        # new Python number but not for a new tensor value. One batch: none.
+        self._weight_tensors = [
+            None if w == 1.0 else ops.convert_to_tensor(np.float32(w))
+            for w in self.weights
+        ]
+        self._functions = compiled_functions(model, loss_fn, self.training)
+
+    # ---- values and flat vectors ----
+
+    def _values(self):
+        return [ops.convert_to_tensor(v) for v in self.variables]
+
+    def _state_values(self):
+        return [ops.convert_to_tensor(v) for v in self._states]
+
+    def _check_vectors(self, vectors):
+        vectors = list(vectors)
+        shapes = [tuple(v.shape) for v in self.variables]
+        received = [tuple(getattr(v, "shape", ())) for v in vectors]
+        if received != shapes:
+            raise ValueError(
+                "`vectors` must be a list of tensors shaped like the "
+                f"trainable variables {shapes}. Received shapes: {received}"
+            )
+        return vectors
+
+    # ---- loss, gradient, Hessian-vector product ----
+
+    def loss_and_gradient(self, values=None):
+        """Full-data loss (float) and its gradient (list of tensors).
+
+        Args:
+            values: Values of the trainable variables to evaluate at.
+                Defaults to `None`, their current values.
+        """
+        values = self._values() if values is None else list(values)
+        states = self._state_values()
+        loss, grads = 0.0, None
+        for weight, (_, x, y, sample_weight) in zip(self.weights, self.batches):
+            value, g = self._functions.value_and_grad(
+                values, states, x, y, sample_weight
+            )
+            loss += weight * float(ops.convert_to_numpy(value))
+            if weight != 1.0:
+                g = [ops.multiply(gi, weight) for gi in g]
+            grads = g if grads is None else list(map(ops.add, grads, g))
+        return loss, grads
+
+    def loss(self, values=None):
+        """The full-data loss (float) at `values` (default: current)."""
+        return self.loss_and_gradient(values)[0]
+
+    def hvp(self, vectors):
+        """`H v` at the current weights, for `v` shaped like the variables.
+
+        Args:
+            vectors: List of tensors, one per trainable variable.
+
+        Returns:
+            List of tensors, one per trainable variable.
+        """
+        vectors = self._check_vectors(vectors)
+        values, states = self._values(), self._state_values()
+        self.num_hvps += 1
+        result = None
+        for weight, (_, x, y, sample_weight) in zip(self.weights, self.batches):
+            hv = self._functions.hvp(
+                values, vectors, states, x, y, sample_weight
+            )
+            if weight != 1.0:
+                hv = [ops.multiply(h, weight) for h in hv]
+            result = hv if result is None else list(map(ops.add, result, hv))
+        return result
+
+    def _flat_operator(self, step=None):
+        """`v -> H v` on flat float32 vectors, at the current weights: one
+        compiled call per batch, summed with the batch weights.
+
+        With `step`, `(v, *extra) -> step(H v, v, *extra)`: an iteration of
+        an estimator, compiled with the product into one call when the data
+        is one batch (one dispatch per iteration, which is what an
+        accelerator waits on for a model of this size).
+        """
+        values, states = self._values(), self._state_values()
+        if step is not None and len(self.batches) == 1:
+            fused = self._functions.fused(step)
+            _, x, y, sample_weight = self.batches[0]
+
+            def iterate(flat, *extra):
+                self.num_hvps += 1
+                return fused(values, flat, states, x, y, sample_weight, *extra)
+
+            return iterate
+        flat_hvp = self._functions.flat_hvp
+        batches = [
+            (weight, x, y, sample_weight)
+            for weight, (_, x, y, sample_weight) in zip(
+                self._weight_tensors, self.batches
+            )
+        ]
+
+        def matvec(flat):
+            self.num_hvps += 1
+            result = None
+            for weight, x, y, sample_weight in batches:
+                hv = flat_hvp(values, flat, weight, states, x, y, sample_weight)
+                result = hv if result is None else ops.add(result, hv)
+            return result
+
+        if step is None:
+            return matvec
+        step = compiled_step(step)
+        return lambda flat, *extra: step(matvec(flat), flat, *extra)
+
+    def _lanczos_operator(self):
+        """`(n, q, q_previous, beta) -> (q, q_previous, beta, block, stats)`:
+        `min(n, k)` Lanczos iterations (`krylov.lanczos_steps`) in one call.
+
+        On one batch they are one compiled call. On a GPU or TPU `k` is
+        `_ACCELERATOR_ITERATIONS`: there a call and the read of its scalars
+        cost more host time than the device spends on an iteration of a
+        model of this size, so fewer calls and reads is what saves time. On
+        a CPU `k = 1`: the product dominates, and iterations past the
+        stopping point would be computed for nothing. Several batches:
+        `k = 1`, one call per batch (`_flat_operator`) and one for the
+        recurrence.
+        """
+        values, states = self._values(), self._state_values()
+        if len(self.batches) == 1:
+            k = _ACCELERATOR_ITERATIONS if backend.on_accelerator() else 1
+            _, x, y, sample_weight = self.batches[0]
+
+            def iterate(n, q, *carry):
+                n = min(n, k)
+                self.num_hvps += n
+                steps = self._functions.lanczos(n)
+                return steps(values, q, states, x, y, sample_weight, *carry)
+
+            return iterate
+        iterate = self._flat_operator(lanczos_block_step)
+        return lambda n, q, *carry: iterate(q, *carry)
+
+    def _rademacher_vector(self, rng):
+        """A probe of +-1 from numpy's `rng` (the same on every backend)."""
+        sample = rng.integers(0, 2, size=self.size) * 2 - 1
+        return ops.convert_to_tensor(sample.astype("float32"))
+
+    def _start_vector(self, seed):
+        """A seeded standard normal vector, drawn on the device."""
+        return keras.random.normal((self.size,), dtype="float32", seed=seed)
+
+    # ---- estimators ----
+
+    def top_eigenvalue(
+        self,
+        method="lanczos",
+        max_iter=100,
+        tol=1e-3,
+        seed=0,
+        return_eigenvector=False,
+    ):
+        """Top eigenvalue of the Hessian (the sharpness).
+
+        Lanczos (default) builds an orthonormal Krylov basis `q_1..q_k` with
+        `H Q_k = Q_k T_k + beta_k q_{k+1} e_k^T` and returns the largest
+        eigenvalue `theta` of the tridiagonal `T_k`. The basis is
+        reorthogonalized only when Simon's estimate of `max |q_i . q_j|`
+        passes `sqrt(eps)` (partial reorthogonalization): the Ritz values
+        stay as accurate as with an exactly orthonormal basis, at the cost
+        of one product and a few vector operations per iteration; the `k`
+        basis vectors are kept in memory. It stops when the error bound
+        `min(r, r^2 / gap)` is at most `tol * |theta|`, with the Ritz
+        residual `r = ||H y - theta y|| = beta_k |s_k|` and `gap` the
+        distance from `theta` to the next Ritz value. The number of
+        iterations depends on the spectrum: 15-47 at `tol=1e-3` for the
+        1M-parameter MLP of `benchmarks/hessian.py`, whose top eigenvalues
+        lie within 3% of each other. On a GPU or TPU eight iterations run
+        as one compiled call, because there the calls and reads, not the
+        device, take most of the time of a model this size; each iteration
+        is still checked, so the result is the same, and the products
+        computed past the stop are dropped (`num_hvps` counts every
+        product). Power iteration repeats
+        `v <- H v / ||H v||` and stops when `v . H v` changes by at most
+        `tol` relative; it finds the eigenvalue of largest magnitude and
+        converges more slowly.
+
+        Args:
+            method: `"lanczos"` or `"power"`. Defaults to `"lanczos"`.
+            max_iter: Maximum number of Hessian-vector products.
+                Defaults to `100`.
+            tol: Relative tolerance of the stopping rule. Defaults to `1e-3`.
+            seed: Seed of the random start vector. Defaults to `0`.
+            return_eigenvector: Also return the eigenvector (a list of
+                tensors shaped like the trainable variables, unit norm).
+                Defaults to `False`.
+
+        Returns:
+            The eigenvalue (float), or `(eigenvalue, eigenvector)`.
+        """
+        check_choice("method", method, METHODS)
+        max_iter = check_positive_int("max_iter", max_iter)
+        tol = check_float("tol", tol, low=0.0, low_open=True)
+        seed = check_int("seed", seed, minimum=0)
+        start = self._start_vector(seed)
+        if method == "lanczos":
+            iterate = self._lanczos_operator()
+            theta, flat = lanczos(
+                iterate, start, max_iter, tol, return_eigenvector
+            )
+        else:
+            iterate = self._flat_operator(power_step)
+            theta, flat = power_iteration(iterate, start, max_iter, tol)
+        if return_eigenvector:
+            return theta, unflatten(flat, self._values())
+        return theta
+
+    def trace(self, num_probes=100, seed=0):
+        """Hutchinson estimate of the Hessian trace with Rademacher probes.
+
+        ```
+        tr(H) ~= (1/m) sum_{i=1..m} z_i^T H z_i,   z_i in {-1, +1}^n
+        ```
+
+        Unbiased; its variance is `2 (||H||_F^2 - sum_j H_jj^2) / m`.
+
+        Args:
+            num_probes: Number of probes `m` (one Hessian-vector product
+                each). Defaults to `100`.
+            seed: Seed of the probes. Defaults to `0`.
+        """
+        num_probes = check_positive_int("num_probes", num_probes)
+        seed = check_int("seed", seed, minimum=0)
+        matvec = self._flat_operator()
+        rng = np.random.default_rng(seed)
+        total = 0.0
+        for _ in range(num_probes):
+            z = self._rademacher_vector(rng)
+            total += dot(z, matvec(z))
+        return total / num_probes
+
+    def sam_sharpness(self, rho=None, optimizer=None):
+        """SAM sharpness, the loss increase at the adversarial point.
+
+        ```
+        g   = grad L(w)
+        eps = rho * g / (||g|| + 1e-12)    # or the perturbation of `optimizer`
+        S   = L(w + eps) - L(w)
+        ```
+
+        Args:
+            rho: Float >= 0, the radius. Defaults to `None`: the rho of
+                `optimizer` if given, else `0.05`.
+            optimizer: Optional `keras_sam.optimizers.SAM` (or a variant,
+                e.g. `ASAM` for adaptive sharpness) whose perturbation
+                defines `eps`; then `rho` must be `None`. Defaults to `None`.
+        """
+        if optimizer is not None:
+            if rho is not None:
+                raise ValueError(
+                    "Give `rho` or `optimizer`, not both (the optimizer "
+                    f"carries its own rho). Received: rho={rho}, "
+                    f"optimizer={optimizer.__class__.__name__}"
+                )
+            if not hasattr(optimizer, "perturbed_values"):
+                raise TypeError(
+                    "`optimizer` must be a keras_sam sharpness-aware "
+                    f"optimizer. Received: optimizer={optimizer!r}"
+                )
+        rho = 0.05 if rho is None else check_rho(rho)
+        values = self._values()
+        loss, grads = self.loss_and_gradient(values)
+        if optimizer is not None:
+            adversarial = optimizer.perturbed_values(
+                grads, self.variables, values
+            )
+        else:
+            # Ascend to w + eps, eps = rho g / ||g||.
+            norm = l2_norm(flatten(grads))
+            scale = rho / (norm + NORM_EPSILON)
+            adversarial = [
+                ops.add(w, ops.cast(ops.multiply(g, scale), w.dtype))
+                for w, g in zip(values, grads)
+            ]
+        return self.loss(adversarial) - loss
