@@ -37,8 +37,9 @@ def check_positive_int(name, value):
     return check_int(name, value, minimum=1)
 
 
-def check_float(name, value, low=None, high=None, low_open=False,
-                high_open=True):
+def check_float(
+    name, value, low=None, high=None, low_open=False, high_open=True
+):
     """`value` as a finite float in the interval given by `low`/`high`.
 
     `low_open`/`high_open` make the bound strict. Booleans and strings are
@@ -61,7 +62,9 @@ def check_float(name, value, low=None, high=None, low_open=False,
     if high is not None:
         bad = bad or (value >= high if high_open else value > high)
     if bad:
-        raise ValueError(f"`{name}` must be {wanted}. Received: {name}={value!r}")
+        raise ValueError(
+            f"`{name}` must be {wanted}. Received: {name}={value!r}"
+        )
     return float(value)
 
 

@@ -16,168 +16,21 @@ train step runs the passes and calls the optimizer's hooks, which delegate
 here.
 """
 
-import math
-import numbers
 import warnings
 
 import keras
 import numpy as np
 from keras import ops
+
+from keras_sam._data import validation_arrays
+from keras_sam._validation import check_float
 from keras_sam._validation import check_positive_int
+from keras_sam._validation import check_seed
 
 # Adam-style normalization of the log-rho step.
 _BETA_1 = 0.9
 _BETA_2 = 0.999
 _EPSILON = 1e-12
-
-
-def _check_positive_float(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"`{name}` must be a float. Received: {name}={value!r} of type "
-            f"{type(value).__name__}"
-        )
-    bad = value < 0 if allow_zero else value <= 0
-    if not math.isfinite(value) or bad:
-        relation = ">= 0" if allow_zero else "> 0"
-        raise ValueError(
-            f"`{name}` must be a finite float {relation}. "
-            f"Received: {name}={value}"
-        )
-    return float(value)
-
-
-def _to_numpy(value):
-    if value is None:
-        return None
-    try:
-        return np.asarray(value)
-    except (TypeError, ValueError, RuntimeError):
-        return ops.convert_to_numpy(value)
-
-
-def _split_batch(batch, where):
-    """`(x, y)` or `(x, y, sample_weight)` -> `(x, y, sample_weight)`."""
-    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-        raise ValueError(
-            "`validation_data` must be `(x, y)` or `(x, y, sample_weight)`, "
-            "or a dataset of such batches. Received: "
-            f"{where}={type(batch).__name__}"
-            + (
-                f" of length {len(batch)}"
-                if isinstance(batch, (tuple, list))
-                else ""
-            )
-        )
-    x, y = batch[0], batch[1]
-    sample_weight = batch[2] if len(batch) == 3 else None
-    if x is None or y is None:
-        raise ValueError(
-            "`validation_data` needs both inputs and targets. Received: "
-            f"x={'None' if x is None else 'given'}, "
-            f"y={'None' if y is None else 'given'}"
-        )
-    return x, y, sample_weight
-
-
-def _concatenate(batches):
-    """Concatenates a list of `(x, y, sample_weight)` batches along axis 0."""
-
-    def join(*parts):
-        if parts[0] is None:
-            return None
-        return np.concatenate(parts, axis=0)
-
-    try:
-        return keras.tree.map_structure(join, *batches)
-    except (ValueError, TypeError) as e:
-        shapes = [
-            keras.tree.map_structure(
-                lambda a: None if a is None else a.shape, b
-            )
-            for b in batches[:3]
-        ]
-        raise ValueError(
-            "The batches of `validation_data` have mismatched structures or "
-            "shapes and cannot be joined. Received (first batches): "
-            f"{shapes}"
-        ) from e
-
-
-def _validation_arrays(validation_data):
-    """Normalizes `validation_data` to numpy `(x, y, sample_weight)`."""
-    if validation_data is None:
-        raise ValueError(
-            "`validation_data` is required: LearnedRadius learns rho from "
-            "the gap between validation and training loss. Pass "
-            "`validation_data=(x_val, y_val)` or a batched `tf.data.Dataset`."
-            " Received: validation_data=None"
-        )
-    if isinstance(validation_data, (tuple, list)):
-        batch = _split_batch(validation_data, "validation_data")
-        batch = keras.tree.map_structure(_to_numpy, batch)
-    elif isinstance(validation_data, (dict, np.ndarray)) or not hasattr(
-        validation_data, "__iter__"
-    ):
-        raise TypeError(
-            "`validation_data` must be `(x, y)`, `(x, y, sample_weight)` or "
-            "an iterable of such batches (e.g. a batched `tf.data.Dataset`)."
-            f" Received: validation_data of type "
-            f"{type(validation_data).__name__}"
-        )
-    else:
-        if hasattr(validation_data, "as_numpy_iterator"):
-            iterator = validation_data.as_numpy_iterator()
-        else:
-            iterator = iter(validation_data)
-        batches = [
-            keras.tree.map_structure(
-                _to_numpy, _split_batch(b, "validation_data batch")
-            )
-            for b in iterator
-        ]
-        if not batches:
-            raise ValueError(
-                "`validation_data` is empty: the dataset yielded no batches. "
-                "Received: validation_data with 0 batches"
-            )
-        batch = _concatenate(batches)
-
-    x, y, sample_weight = batch
-    sizes = {}
-    for name, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
-        for leaf in keras.tree.flatten(part):
-            if leaf is None:
-                continue
-            if leaf.ndim == 0:
-                raise ValueError(
-                    f"Every array of `validation_data` needs a leading "
-                    f"sample axis. Received: {name} of shape {leaf.shape}"
-                )
-            sizes.setdefault(name, leaf.shape[0])
-            if leaf.shape[0] != sizes[name]:
-                raise ValueError(
-                    f"The arrays of `validation_data` {name} have different "
-                    f"numbers of samples. Received: {name} shapes "
-                    f"{[a.shape for a in keras.tree.flatten(part)]}"
-                )
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            "`validation_data` x, y (and sample_weight) must have the same "
-            "number of samples. Received: "
-            + ", ".join(f"{k} with {v} samples" for k, v in sizes.items())
-        )
-    if sizes["x"] == 0:
-        raise ValueError(
-            "`validation_data` is empty. Received: x with 0 samples"
-        )
-
-    def to_floatx(a):
-        if a is not None and np.issubdtype(a.dtype, np.floating):
-            return a.astype(keras.config.floatx())
-        return a
-
-    return keras.tree.map_structure(to_floatx, batch), sizes["x"]
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -268,10 +121,8 @@ class LearnedRadius:
     def _configure(
         self, initial, learning_rate, update_every, bounds, batch_size, seed
     ):
-        self.initial = _check_positive_float("initial", initial)
-        self.learning_rate = _check_positive_float(
-            "learning_rate", learning_rate, allow_zero=True
-        )
+        self.initial = check_float("initial", initial, 0.0, low_open=True)
+        self.learning_rate = check_float("learning_rate", learning_rate, 0.0)
         self.update_every = check_positive_int("update_every", update_every)
         self.batch_size = check_positive_int("batch_size", batch_size)
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
@@ -279,21 +130,15 @@ class LearnedRadius:
                 "`bounds` must be a pair `(min, max)`. "
                 f"Received: bounds={bounds!r}"
             )
-        low = _check_positive_float("bounds[0]", bounds[0])
-        high = _check_positive_float("bounds[1]", bounds[1])
+        low = check_float("bounds[0]", bounds[0], 0.0, low_open=True)
+        high = check_float("bounds[1]", bounds[1], 0.0, low_open=True)
         if not low <= self.initial <= high:
             raise ValueError(
                 "`bounds` must satisfy min <= initial <= max. Received: "
                 f"bounds={tuple(bounds)!r}, initial={self.initial}"
             )
         self.bounds = (low, high)
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-        ):
-            raise TypeError(
-                f"`seed` must be an integer or None. Received: seed={seed!r}"
-            )
-        self.seed = seed
+        self.seed = check_seed(seed)
         self._data = None
         self._num_samples = 0
         self._optimizer = None
@@ -304,7 +149,7 @@ class LearnedRadius:
         Call it before the first `fit`: a compiled step keeps the data it
         was traced with (else call `model.make_train_function(force=True)`).
         """
-        arrays, n = _validation_arrays(validation_data)
+        arrays, n = validation_arrays(validation_data)
         if self.seed is None:
             order = np.random.permutation(n)
         else:

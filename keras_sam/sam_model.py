@@ -2,8 +2,9 @@
 
 import keras
 
-from keras_sam import backend
 from keras_sam import optimizers as sam_optimizers
+from keras_sam import step
+from keras_sam._validation import check_rho
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -58,7 +59,7 @@ class SAMModel(keras.Model):
                 "once. Received: model=SAMModel(...)"
             )
         if rho is not None:
-            rho = sam_optimizers._check_rho(rho)
+            rho = check_rho(rho)
         super().__init__(**kwargs)
         self.model = model
         self.rho = rho
@@ -132,8 +133,8 @@ class SAMModel(keras.Model):
 
     def train_step(self, *args):
         # TensorFlow and torch call train_step(data); JAX train_step(state,
-        # data). The backend module runs the two-pass step.
-        return backend.train_step(self, *args)
+        # data). `keras_sam.step` runs the two-pass step for both.
+        return step.train_step(self, *args)
 
     def loss_metric(self):
         """The metric tracking the loss (named `"loss"`), if compiled."""

@@ -93,9 +93,7 @@ def test_matches_numpy_reference(variant, momentum, mode):
         lr=0.1,
         momentum=momentum,
     )
-    assert max(
-        np.max(np.abs(a - b)) for a, b in zip(expected, plain)
-    ) > 1e-3
+    assert max(np.max(np.abs(a - b)) for a, b in zip(expected, plain)) > 1e-3
 
 
 def _bn_dropout_model():
@@ -127,8 +125,16 @@ def test_rho_zero_is_exactly_the_inner_optimizer(mode):
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse", **mode
     )
     _fit(model, x, y, epochs=2)
+    compiled = BACKEND in ("tensorflow", "jax") and not mode["run_eagerly"]
     for got, want in zip(_weights(base), _weights(plain)):
-        np.testing.assert_array_equal(got, want)
+        if compiled:
+            # The step reads g_adv to keep a non-finite one from the
+            # weights; Grappler (graph) and XLA (jit) then fuse the update
+            # `w - lr * g` differently from plain Keras, whose gradient has
+            # no other reader: equal to float32 round-off, not bit for bit.
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(got, want)
 
 
 def test_asam_with_unit_scale_equals_sam():
@@ -173,8 +179,12 @@ def test_batchnorm_statistics_come_from_the_clean_pass():
         got = keras.ops.convert_to_numpy(v)
         want = keras.ops.convert_to_numpy(v_plain)
         np.testing.assert_allclose(got, want, atol=1e-7, rtol=0)
-        assert np.max(np.abs(got - np.array(initial[2 if v is bn.moving_mean
-                                                     else 3]))) > 1e-4
+        assert (
+            np.max(
+                np.abs(got - np.array(initial[2 if v is bn.moving_mean else 3]))
+            )
+            > 1e-4
+        )
     # The kernels differ: the step used the adversarial gradient.
     assert not np.allclose(base.get_weights()[0], plain.get_weights()[0])
 
@@ -189,7 +199,7 @@ def test_metrics_and_logs_come_from_the_clean_pass():
     want_loss = np.mean((keras.ops.convert_to_numpy(before) - y[:BATCH]) ** 2)
     assert logs["loss"] == pytest.approx(want_loss, rel=1e-5)
     assert logs["rho"] == pytest.approx(0.05)
-    assert set(logs) == {"loss", "mae", "rho"}
+    assert set(logs) == {"loss", "mae", "rho", "adv_nonfinite"}
 
 
 def test_sam_every_runs_plain_steps_in_between(mode):
@@ -351,9 +361,7 @@ def test_zero_gradient_gives_zero_perturbation():
     optimizer = optimizers.SAM("sgd", rho=0.5)
     variable = keras.Variable(np.ones((3, 2), "float32"))
     optimizer.build([variable])
-    (eps,) = optimizer.perturbation(
-        [keras.ops.zeros((3, 2))], [variable]
-    )
+    (eps,) = optimizer.perturbation([keras.ops.zeros((3, 2))], [variable])
     eps = keras.ops.convert_to_numpy(eps)
     assert np.all(np.isfinite(eps)) and np.all(eps == 0)
 

@@ -1,7 +1,10 @@
 """Backend dispatch: the only package that imports tensorflow, jax or torch.
 
 The backend is chosen once, from `keras.backend.backend()`, when keras_sam is
-imported; no other module branches on it.
+imported; no other module branches on it. Each backend module holds only
+glue: a gradient of a function of values, the replica context, torch's
+random generators, Hessian-vector products. The step itself is
+`keras_sam.step`, written once.
 """
 
 import keras
@@ -20,7 +23,18 @@ else:
         f"backends. Received: KERAS_BACKEND={_BACKEND!r}"
     )
 
-train_step = _impl.train_step
+# The train step's glue (keras_sam.step): variable values, a gradient of a
+# function of values with auxiliary outputs, the replica context (identity
+# where the step sees the global batch), the random state that unseeded
+# layers draw from, and the context the commit runs in.
+read = _impl.read
+grad_and_aux = _impl.grad_and_aux
+all_reduce = _impl.all_reduce
+all_replicas = _impl.all_replicas
+unscale_loss_for_distribution = _impl.unscale_loss_for_distribution
+random_state = _impl.random_state
+set_random_state = _impl.set_random_state
+no_grad = _impl.no_grad
 # Hessian-vector products and gradients of a pure function of values
 # (keras_sam.sharpness), and the backend's compiler for such functions
 # (`tf.function`, `jax.jit`; torch runs eagerly).

@@ -1,0 +1,252 @@
+"""`RSAM`: Riemannian SAM on manifolds, with a local diagonal metric."""
+
+import keras
+from keras import ops
+
+from keras_sam import manifolds as sam_manifolds
+from keras_sam._validation import check_choice
+from keras_sam._validation import check_float
+from keras_sam.optimizers import manifold_keys
+from keras_sam.optimizers.sam import SAM
+from keras_sam.optimizers.sam import is_weight_like
+
+_METRICS = ("identity", "adaptive", "fisher")
+_FISHER_TINY = 1e-30
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class RSAM(SAM):
+    """Riemannian SAM: sharpness-aware steps on manifolds, local metrics.
+
+    Each variable lies on a manifold (`Euclidean` unless mapped otherwise)
+    with tangent projection `P_w` and retraction `R_w`, and carries a
+    diagonal metric `D`. The neighbourhood is a ball of radius `rho` in the
+    metric `D`, taken along the manifold:
+
+    ```
+    g     = grad L(w)
+    xi    = P_w(D^-1 g)                  # Riemannian gradient
+    eps   = rho * xi / (||xi||_D + 1e-12)  # ||xi||_D^2 = sum xi * D * xi
+    g_adv = P_w(grad L(R_w(eps)))        # pulled back to the tangent space at w
+    w     = R_w(inner_optimizer.update(w, g_adv) - w)
+    ```
+
+    Metrics: `"identity"` (`D = I`), `"adaptive"` (ASAM's `D = T^-2`,
+    `T = |w| + eta` on weight-like variables, `1` on biases) and `"fisher"`
+    (`D = EMA(g^2) + damping`, the EMA kept as optimizer variables and
+    updated from the clean gradient of each step). With every variable
+    Euclidean, RSAM is SAM (`"identity"`) or ASAM (`"adaptive"`).
+
+    Variables are mapped to manifolds by `manifold`, a dict whose keys are
+    - a layer name (no `/`): that layer's weight-like variables (kernels,
+      embeddings, gamma; not biases),
+    - a variable path or its tail, e.g. `"conv2/kernel"`,
+    - a predicate `fn(variable) -> bool`,
+    and whose values are `keras_sam.manifolds` objects or names
+    (`"euclidean"`, `"sphere"`, `"stiefel"`). A variable whose constraint is
+    a `keras_sam.manifolds.ManifoldConstraint` (see
+    `keras_sam.manifolds.stiefel_kernel()`) takes that manifold. Unmatched
+    variables are Euclidean. At build time every key must match a variable,
+    and every constrained variable must fit its manifold and lie on it (the
+    last check needs concrete values: Keras' TensorFlow loop builds the
+    optimizer inside its first trace, so call `optimizer.build(
+    model.trainable_variables)` first to have it there too). On the plain
+    steps of `sam_every > 1` the inner optimizer gets the Euclidean
+    gradient; the retraction still keeps each variable on its manifold.
+
+    Args:
+        optimizer: The inner optimizer: a `keras.optimizers.Optimizer`
+            instance or a name/config accepted by `keras.optimizers.get`.
+            Defaults to `"sgd"`.
+        rho: Float >= 0, the radius of the neighbourhood in the metric `D`.
+            Defaults to `0.05`.
+        manifold: Optional dict (or list of pairs) mapping layer names,
+            variable paths or predicates to manifolds. Defaults to `None`
+            (all Euclidean, apart from declared constraints).
+        metric: `"identity"`, `"adaptive"` or `"fisher"`.
+            Defaults to `"identity"`.
+        eta: Float > 0, the offset of the adaptive scale `T = |w| + eta`.
+            Defaults to `0.01`.
+        damping: Float > 0 added to the Fisher diagonal. Defaults to `1e-3`.
+        fisher_decay: Float in `[0, 1)`, the decay of the EMA of `g^2`.
+            The EMA is debiased, so its first value is `g^2`.
+            Defaults to `0.95`.
+        name: String, the name of the optimizer. Defaults to `"rsam"`.
+        **kwargs: Further arguments of `keras_sam.optimizers.SAM` (e.g.
+            `sam_every`).
+
+    Example:
+
+    >>> conv = keras.layers.Conv2D(
+    ...     32, 3, name="conv2", **keras_sam.manifolds.stiefel_kernel())
+    >>> optimizer = keras_sam.optimizers.RSAM(
+    ...     keras.optimizers.SGD(0.05, momentum=0.9), rho=0.05,
+    ...     manifold={"dense": "sphere"}, metric="identity")
+
+    References:
+        - Truong et al., RSAM: Learning on Manifolds with Riemannian
+          Sharpness-aware Minimization, arXiv 2309.17215 (v1).
+        - Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for
+          Scale-Invariant Learning of Deep Neural Networks, ICML 2021.
+        - Kim et al., Fisher SAM: Information Geometry and Sharpness Aware
+          Minimisation, ICML 2022.
+    """
+
+    def __init__(
+        self,
+        optimizer="sgd",
+        rho=0.05,
+        manifold=None,
+        metric="identity",
+        eta=0.01,
+        damping=1e-3,
+        fisher_decay=0.95,
+        name=None,
+        **kwargs,
+    ):
+        metric = check_choice("metric", metric, _METRICS)
+        eta = check_float("eta", eta, low=0.0, low_open=True)
+        damping = check_float("damping", damping, low=0.0, low_open=True)
+        fisher_decay = check_float("fisher_decay", fisher_decay, 0.0, 1.0)
+        spec = manifold_keys.spec(manifold)
+        super().__init__(optimizer, rho=rho, name=name, **kwargs)
+        self.manifold_spec = spec
+        self.metric = metric
+        self.eta = eta
+        self.damping = damping
+        self.fisher_decay = fisher_decay
+        self._manifolds = None
+        self._fisher = None
+        self._before_update = None
+        if metric == "fisher":
+            # Total weight of the EMA, 1 - decay^t: debiases the EMA.
+            self.fisher_weight = self.add_variable(
+                shape=(),
+                initializer="zeros",
+                dtype="float32",
+                name="fisher_weight",
+            )
+
+    # ---- manifolds of the variables, resolved once at build ----
+
+    def build(self, var_list):
+        if self.built:
+            return
+        var_list = list(var_list)
+        manifolds = manifold_keys.resolve(self.manifold_spec, var_list)
+        super().build(var_list)
+        self._manifolds = manifolds
+        if self.metric == "fisher":
+            self._fisher = [
+                self.add_variable_from_reference(v, name="fisher")
+                for v in var_list
+            ]
+
+    def manifold_of(self, variable):
+        """The manifold of a trainable variable (Euclidean before build)."""
+        if self._manifolds is None:
+            return sam_manifolds.Euclidean()
+        return self._manifolds[self._get_variable_index(variable)]
+
+    # ---- the update: Riemannian gradient, inner step, retraction ----
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built and trainable_variables is not None:
+            self.build(list(trainable_variables))
+        if self.built:
+            variables = (
+                self._trainable_variables
+                if trainable_variables is None
+                else list(trainable_variables)
+            )
+            # Keep w of the manifold variables for the retraction after the
+            # inner update.
+            before = {}
+            for i, v in enumerate(variables):
+                m = self.manifold_of(v)
+                if not isinstance(m, sam_manifolds.Euclidean):
+                    before[i] = (m, ops.copy(v.value))
+            self._before_update = before
+        super().apply(grads, trainable_variables)
+
+    def _after_update(self, trainable_variables):
+        super()._after_update(trainable_variables)
+        before, self._before_update = self._before_update, None
+        for i, v in enumerate(trainable_variables):
+            if not before or i not in before:
+                continue
+            # Retract back onto the manifold: w = R_w(w_new - w).
+            m, w = before[i]
+            v.assign(m.retract(w, ops.subtract(v.value, w)))
+
+    # ---- the Fisher metric's state ----
+
+    def on_clean_pass(self, loss, grads, trainable_variables, auxiliary):
+        if not self.built:
+            # Keras' TF loop builds the optimizer in the first trace, at
+            # `apply`; the manifolds are needed before, for eps.
+            self.build(list(trainable_variables))
+        super().on_clean_pass(loss, grads, trainable_variables, auxiliary)
+        if self.metric != "fisher":
+            return
+        decay = self.fisher_decay
+        for g, v in zip(grads, trainable_variables):
+            if g is None:
+                continue
+            f = self._fisher[self._get_variable_index(v)]
+            g2 = ops.square(ops.cast(g, f.dtype))
+            f.assign(ops.add(ops.multiply(f, decay), (1.0 - decay) * g2))
+        self.fisher_weight.assign(
+            ops.add(ops.multiply(self.fisher_weight, decay), 1.0 - decay)
+        )
+
+    # ---- the three hooks of the perturbation ----
+
+    def _metric(self, variable, value, grad):
+        if self.metric == "identity":
+            return None, None
+        if self.metric == "adaptive":
+            if not is_weight_like(variable):
+                return None, None
+            t2 = ops.square(ops.add(ops.abs(value), self.eta))
+            return t2, ops.reciprocal(t2)
+        f = ops.cast(
+            self._fisher[self._get_variable_index(variable)], "float32"
+        )
+        weight = ops.maximum(
+            ops.cast(self.fisher_weight, "float32"), _FISHER_TINY
+        )
+        d = ops.add(ops.divide(f, weight), self.damping)
+        return ops.reciprocal(d), d
+
+    def _project(self, variable, value, vector):
+        return self.manifold_of(variable).project(value, vector)
+
+    def _retract(self, variable, value, step):
+        return self.manifold_of(variable).retract(value, step)
+
+    # ---- config ----
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "manifold": [
+                    [
+                        (
+                            key
+                            if isinstance(key, str)
+                            else keras.saving.serialize_keras_object(key)
+                        ),
+                        sam_manifolds.serialize(m),
+                    ]
+                    for key, m in self.manifold_spec
+                ]
+                or None,
+                "metric": self.metric,
+                "eta": self.eta,
+                "damping": self.damping,
+                "fisher_decay": self.fisher_decay,
+            }
+        )
+        return config

@@ -1,0 +1,447 @@
+"""The sharpness-aware step, written once for every backend (DESIGN 2).
+
+```
+g     = grad L_B(w)          # clean pass, training=True: metrics and
+                             # BatchNorm statistics come from it
+eps   = rho * xi / ||xi||_D  # xi = P_w(D^-1 g), the optimizer's formula
+g_adv = grad L_B(w + eps)    # adversarial pass from the same random state;
+                             # its state updates are dropped
+w     = inner update(w, g_adv)
+```
+
+Everything is a function of values: the weights, the model's other state,
+the optimizer's variables and the metrics' variables are read once into a
+`StepState`, the passes run `model` in a `keras.StatelessScope` over them
+(so `w + eps` is a value handed to the forward pass, never assigned), the
+optimizer's hooks (learned radius, Fisher metric) compute their new
+variables the same way, and one commit at the end writes the result:
+
+- TensorFlow and torch: assign the model's state, the metrics and the
+  sharpness-aware optimizer's own variables, then `optimizer.apply`.
+- JAX: `optimizer.stateless_apply` and the new state is returned.
+
+An exception anywhere before the commit leaves every variable as it was.
+
+Non-finite values. With loss scaling (a `LossScaleOptimizer`), a
+non-finite clean or adversarial gradient makes the loss-scale optimizer
+skip the step and lower its scale. Without it, a non-finite clean pass is
+applied as plain Keras would, while a non-finite adversarial pass after a
+finite clean one falls back to the clean gradient for that step: the
+update is a plain step. Either way the optimizer's own statistics (Fisher
+EMA, learned-radius state) never absorb a non-finite pass, and
+`logs["adv_nonfinite"]` counts the steps whose adversarial gradient was
+non-finite.
+
+Only `value_and_grad` and a little glue (replica context, torch's random
+generators, no-grad) come from `keras_sam.backend`.
+"""
+
+import keras
+from keras import ops
+
+from keras_sam import _step_parts as parts
+from keras_sam import backend
+from keras_sam import optimizers as sam_optimizers
+
+
+class StepState:
+    """Values of every variable the step reads, in the model's orders."""
+
+    __slots__ = ("trainable", "non_trainable", "optimizer", "metrics")
+
+    def __init__(self, trainable, non_trainable, optimizer, metrics):
+        self.trainable = list(trainable)
+        self.non_trainable = list(non_trainable)
+        self.optimizer = list(optimizer)
+        self.metrics = list(metrics)
+
+    def replace(self, **changes):
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return StepState(**values)
+
+
+def _loss_fn(model, state, batch, training):
+    """`(scaled loss, (loss, y_pred, new non-trainable, new metrics))` of
+    `model` at `state.trainable` on `batch`, assigning nothing."""
+    x, y, sample_weight = batch
+    mapping = parts.Stateless(
+        model.trainable_variables
+        + model.non_trainable_variables
+        + model.metrics_variables
+        + model.optimizer.variables,
+        collect_losses=True,
+    )
+
+    def forward():
+        y_pred = model(x, training=training)
+        loss = model.compute_loss(
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=training,
+        )
+        scaled = model.optimizer.scale_loss(loss) if training else loss
+        return scaled, loss, y_pred
+
+    (scaled, loss, y_pred), values = mapping.run(
+        state.trainable + state.non_trainable + state.metrics + state.optimizer,
+        forward,
+    )
+    start = len(state.trainable)
+    middle = start + len(state.non_trainable)
+    end = middle + len(state.metrics)
+    return scaled, (loss, y_pred, values[start:middle], values[middle:end])
+
+
+def _grad(model, state, batch, training=True):
+    """`(loss, y_pred, non_trainable, metrics), grads` at `state`."""
+
+    def fn(w):
+        return _loss_fn(model, state.replace(trainable=w), batch, training)
+
+    (_, aux), grads = backend.grad_and_aux(fn, state.trainable)
+    return aux, grads
+
+
+class _Pass:
+    """One forward/backward pass on a sub-batch: loss, y_pred, grads."""
+
+    def __init__(self, loss, y_pred, grads):
+        self.loss, self.y_pred, self.grads = loss, y_pred, grads
+
+
+class _Passes:
+    """The passes of one kind (clean or adversarial) over the sub-batches,
+    with the model state and random state before each (for replay)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.fractions = [fraction for _, fraction in batches]
+        self.parts, self.before = [], []
+        self.non_trainable = self.metrics = self.after = None
+
+    @property
+    def present(self):
+        return parts.present(self.parts[0].grads)
+
+    @property
+    def y_pred(self):
+        return parts.concat([p.y_pred for p in self.parts])
+
+    def gradient(self):
+        return parts.combine([p.grads for p in self.parts], self.fractions)
+
+    def recompute(self, model, state):
+        """The gradient of these passes again, replaying their states."""
+        again = _passes(
+            model,
+            state,
+            self.batches,
+            [state.trainable] * len(self.batches),
+            replay=self,
+        )
+        return again.gradient()
+
+
+def _passes(model, state, batches, weights, replay=None):
+    """Forward/backward passes at `weights[j]` on each sub-batch j.
+
+    Without `replay`, sub-batch j starts from the model state that j-1
+    left and the state changes are kept (the clean pass). With it, each
+    starts from the state and random state `replay` had before it, and the
+    state changes are dropped.
+    """
+    passes = _Passes(batches)
+    non_trainable, metrics = state.non_trainable, state.metrics
+    for j, ((batch, _), w_j) in enumerate(zip(batches, weights)):
+        if replay is None:
+            passes.before.append((non_trainable, backend.random_state()))
+        else:
+            non_trainable = replay.before[j][0]
+            backend.set_random_state(replay.before[j][1])
+        aux, grads = _grad(
+            model,
+            state.replace(
+                trainable=w_j, non_trainable=non_trainable, metrics=metrics
+            ),
+            batch,
+        )
+        loss, y_pred, new_non_trainable, new_metrics = aux
+        passes.parts.append(_Pass(loss, y_pred, grads))
+        if replay is None:
+            non_trainable, metrics = new_non_trainable, new_metrics
+    if replay is None:
+        passes.after = backend.random_state()
+    else:
+        backend.set_random_state(replay.after)
+    passes.non_trainable, passes.metrics = non_trainable, metrics
+    return passes
+
+
+def _poison(flag, grads):
+    """`grads` where `flag` holds, NaN elsewhere (a loss-scale optimizer
+    then skips the step)."""
+    return [
+        None if t is None else ops.where(flag, t, float("nan")) for t in grads
+    ]
+
+
+def _num_splits(sam):
+    """Sub-batches with their own perturbation: `num_batch_splits` per
+    replica, times the data-parallel replicas of a `keras.distribution`
+    unless the perturbation is synchronized."""
+    if sam.sync_perturbation:
+        return sam.num_batch_splits
+    return sam.num_batch_splits * parts.data_parallel_replicas()
+
+
+def sharpness_aware_step(model, state, data):
+    """One step as values: returns `(grads, new_state, loss, y_pred)`.
+
+    `grads` is what the commit hands to `optimizer.apply`; `new_state` has
+    the clean pass's model and metric state and the hooks' new optimizer
+    variables (the weights are still `state.trainable`).
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    sam, optimizer = model.sam_optimizer, model.optimizer
+    variables, w = model.trainable_variables, state.trainable
+    hooks = parts.Stateless(optimizer.variables)  # hooks run on the values
+    batches = parts.split_batch((x, y, sample_weight), _num_splits(sam))
+    fractions = [fraction for _, fraction in batches]
+
+    def present(values):  # TensorFlow's cond takes no `None`
+        return [values[i] for i in clean.present]
+
+    def unscaled(g_j):  # the true gradient, for the norm and the hooks
+        g_j, _ = hooks.run(
+            state.optimizer,
+            lambda: sam_optimizers.unscale_gradients(optimizer, g_j),
+        )
+        return backend.all_reduce(g_j) if sam.sync_perturbation else g_j
+
+    # 1. g = grad L_B(w), the clean pass: its metrics and model state are
+    #    kept. Sub-batch j starts from the state j-1 left; the state and
+    #    random state before each are kept, for the second pass to replay.
+    clean = _passes(model, state, batches, [w] * len(batches))
+    loss = parts.combine([[p.loss] for p in clean.parts], fractions)[0]
+    g_parts = [unscaled(p.grads) for p in clean.parts]
+    g = parts.combine(g_parts, fractions)
+    clean_finite = parts.all_finite(g)
+    # The clean-pass hook (Fisher EMA, learned radius), kept if g is finite.
+    auxiliary = _auxiliary_passes(model, state, hooks)
+    _, opt = hooks.run(
+        state.optimizer,
+        lambda: sam.on_clean_pass(loss, g, variables, auxiliary),
+    )
+    opt = parts.select(clean_finite, opt, state.optimizer)
+
+    def two_pass(opt):
+        # 2. ascend to w + eps_j and take g_adv there, from the clean pass's
+        #    states and random states (the same dropout masks); the state
+        #    changes of this pass are dropped.
+        w_adv = [
+            hooks.run(opt, lambda: sam.perturbed_values(g_j, variables, w))[0]
+            for g_j in g_parts
+        ]
+        w_adv = [
+            [a if a is not None else w_i for a, w_i in zip(wj, w)]
+            for wj in w_adv
+        ]
+        adv = _passes(
+            model, state.replace(optimizer=opt), batches, w_adv, replay=clean
+        )
+        g_adv = parts.combine([p.grads for p in adv.parts], fractions)
+
+        # 3. pull g_adv back to w; the hook sees it unscaled.
+        def pull_back():
+            pulled = sam.pull_back(g_adv, variables, w)
+            g_adv_true = sam_optimizers.unscale_gradients(optimizer, pulled)
+            sam.on_adversarial_pass(g, g_adv_true, variables)
+            return pulled, parts.all_finite(g_adv_true)
+
+        (g_adv, adv_finite), new_opt = hooks.run(opt, pull_back)
+        both_finite = ops.logical_and(clean_finite, adv_finite)
+        new_opt = parts.select(both_finite, new_opt, opt)
+        _, new_opt = hooks.run(
+            new_opt,
+            lambda: sam.count_nonfinite(
+                ops.logical_and(clean_finite, ops.logical_not(adv_finite))
+            ),
+        )
+        if sam_optimizers.has_loss_scaling(optimizer):
+            # A non-finite pass: the loss-scale optimizer skips the step.
+            return present(_poison(both_finite, g_adv)), new_opt
+        # Else fall back to the clean gradient, computed again (keeping it
+        # through the second pass would cost a copy of the weights); a
+        # non-finite g then reaches the weights as in plain Keras.
+        return (
+            ops.cond(
+                both_finite,
+                lambda: present(g_adv),
+                lambda: present(clean.recompute(model, state)),
+            ),
+            new_opt,
+        )
+
+    def one_pass(opt):
+        return present(clean.gradient()), opt
+
+    if sam.sam_every == 1:
+        g_use, opt = two_pass(opt)
+    else:
+        perturb, _ = hooks.run(opt, sam.should_perturb)
+        g_use, opt = ops.cond(
+            perturb, lambda: two_pass(opt), lambda: one_pass(opt)
+        )
+    g_use = parts.fill(clean.present, g_use, len(w))
+    if sam_optimizers.has_loss_scaling(optimizer):
+        # Every replica skips when one does (Keras' LossScaleOptimizer
+        # checks the first replica's gradients only).
+        g_use = _poison(backend.all_replicas(parts.all_finite(g_use)), g_use)
+    new_state = StepState(w, clean.non_trainable, opt, clean.metrics)
+    return g_use, new_state, loss, clean.y_pred
+
+
+def _auxiliary_passes(model, state, hooks):
+    """`[(loss, grads)]` of the optimizer's auxiliary batches at w
+    (inference mode, unscaled), or zeros without running them when the
+    optimizer says they are not due."""
+    sam = model.sam_optimizer
+    (batches, due), _ = hooks.run(
+        state.optimizer, lambda: (sam.auxiliary_batches(), sam.auxiliary_due())
+    )
+    w = state.trainable
+
+    def run():
+        results = []
+        for batch in batches:
+            (loss, _, _, _), grads = _grad(model, state, batch, training=False)
+            results.append(
+                (ops.cast(loss, "float32"), parts.zeros_for_none(grads, w))
+            )
+        return results
+
+    def zeros():
+        return [
+            (ops.zeros((), "float32"), [ops.zeros_like(v) for v in w])
+            for _ in batches
+        ]
+
+    if not batches or due is True:
+        return run()
+    return ops.cond(due, run, zeros)
+
+
+# ---------------------------------------------------------------------------
+# Entry points: Keras calls `train_step(data)` on TensorFlow and torch and
+# `train_step(state, data)` on JAX; both run the step above, then commit.
+
+
+def train_step(model, *args):
+    """`SAMModel.train_step`: the step, then its one commit."""
+    if len(args) == 2:
+        return _stateless_train_step(model, *args)
+    return _stateful_train_step(model, *args)
+
+
+def _stateful_train_step(model, data):
+    sam = _prepare(model, data)
+    optimizer = model.optimizer
+    state = StepState(
+        backend.read(model.trainable_variables),
+        backend.read(model.non_trainable_variables),
+        backend.read(optimizer.variables),
+        backend.read(model.metrics_variables),
+    )
+    with sam.sharpness_aware_step():
+        grads, new, loss, y_pred = sharpness_aware_step(model, state, data)
+        logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
+        logs.update(_log_values(model, new.optimizer))
+        # The commit: nothing was assigned before this point.
+        with backend.no_grad():
+            _assign(model.non_trainable_variables, new.non_trainable)
+            _assign(model.metrics_variables, metrics)
+            own = {id(v) for v in sam.own_variables}
+            _assign(
+                [v for v in optimizer.variables if id(v) in own],
+                [
+                    value
+                    for v, value in zip(optimizer.variables, new.optimizer)
+                    if id(v) in own
+                ],
+            )
+            optimizer.apply(grads, model.trainable_variables)
+    return logs
+
+
+def _stateless_train_step(model, state, data):
+    sam = _prepare(model, data)
+    if sam_optimizers.has_loss_scaling(sam.inner_optimizer):
+        # Its stateful apply cannot run inside a stateless step.
+        raise ValueError(
+            "With a stateless step (JAX), wrap the sharpness-aware optimizer "
+            "in the LossScaleOptimizer, not its inner optimizer: "
+            "`LossScaleOptimizer(SAM(inner))`, which is what `compile` does "
+            "under the 'mixed_float16' policy. Received: "
+            f"{sam.__class__.__name__}(LossScaleOptimizer(...))"
+        )
+    state = StepState(*(list(values) for values in state))
+    with sam.sharpness_aware_step():
+        grads, new, loss, y_pred = sharpness_aware_step(model, state, data)
+        w, opt = model.optimizer.stateless_apply(
+            new.optimizer, grads, new.trainable
+        )
+    logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
+    logs.update(_log_values(model, opt))
+    return logs, (w, new.non_trainable, opt, metrics)
+
+
+def _prepare(model, data):
+    """The compiled SAM optimizer, with every variable the step reads built
+    (TensorFlow defers building to the first trace)."""
+    sam = model.sam_optimizer
+    if sam is None:
+        raise ValueError(
+            "SAMModel must be compiled before training. Call "
+            "`model.compile(optimizer=..., loss=...)` first."
+        )
+    # Keras' own symbolic build (a no-op once everything exists) creates
+    # the model's, the compiled loss's and metrics' and the optimizer's
+    # variables, which the step reads as values before running anything.
+    model._symbolic_build(data_batch=data)
+    return sam
+
+
+def _metrics(model, metrics, loss, data, y_pred):
+    """`(logs, new metric values)`: the loss tracker and compiled metrics
+    updated from the clean pass."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+
+    def update():
+        model.loss_metric().update_state(
+            backend.unscale_loss_for_distribution(loss),
+            sample_weight=parts.batch_size(x),
+        )
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    return parts.Stateless(model.metrics_variables).run(metrics, update)
+
+
+def _log_values(model, optimizer_values):
+    """The optimizer's scalars for `logs` (rho, counters), as copies."""
+    sam = model.sam_optimizer
+    logs, _ = parts.Stateless(model.optimizer.variables).run(
+        optimizer_values,
+        lambda: {
+            key: ops.copy(ops.convert_to_tensor(value))
+            for key, value in sam.log_values().items()
+        },
+    )
+    return logs
+
+
+def _assign(variables, values):
+    for variable, value in zip(variables, values):
+        variable.assign(value)
