@@ -26,8 +26,10 @@ Non-finite values. With loss scaling (a `LossScaleOptimizer`), a
 non-finite clean or adversarial gradient makes the loss-scale optimizer
 skip the step and lower its scale. Without it, a non-finite clean pass is
 applied as plain Keras would, while a non-finite adversarial pass after a
-finite clean one falls back to the clean gradient for that step: the
-update is a plain step. Either way the optimizer's own statistics (Fisher
+finite clean one skips the update: weights, optimizer slots and iteration
+count stay as they were, as a loss-scale optimizer would leave them
+(falling back to the clean gradient instead would keep it alive through
+the second pass, a copy of the weights). Either way the optimizer's own statistics (Fisher
 EMA, learned-radius state) never absorb a non-finite pass, and
 `logs["adv_nonfinite"]` counts the steps whose adversarial gradient was
 non-finite.
@@ -133,17 +135,6 @@ class _Passes:
     def gradient(self):
         return parts.combine([p.grads for p in self.parts], self.fractions)
 
-    def recompute(self, model, state):
-        """The gradient of these passes again, replaying their states."""
-        again = _passes(
-            model,
-            state,
-            self.batches,
-            [state.trainable] * len(self.batches),
-            replay=self,
-        )
-        return again.gradient()
-
 
 def _passes(model, state, batches, weights, replay=None):
     """Forward/backward passes at `weights[j]` on each sub-batch j.
@@ -198,11 +189,12 @@ def _num_splits(sam):
 
 
 def sharpness_aware_step(model, state, data):
-    """One step as values: returns `(grads, new_state, loss, y_pred)`.
+    """One step as values: `(grads, new_state, loss, y_pred, update)`.
 
-    `grads` is what the commit hands to `optimizer.apply`; `new_state` has
-    the clean pass's model and metric state and the hooks' new optimizer
-    variables (the weights are still `state.trainable`).
+    `grads` is what the commit hands to `optimizer.apply` when `update`
+    (a boolean scalar) holds; `new_state` has the clean pass's model and
+    metric state and the hooks' new optimizer variables (the weights are
+    still `state.trainable`).
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     sam, optimizer = model.sam_optimizer, model.optimizer
@@ -272,27 +264,25 @@ def sharpness_aware_step(model, state, data):
         )
         if sam_optimizers.has_loss_scaling(optimizer):
             # A non-finite pass: the loss-scale optimizer skips the step.
-            return present(_poison(both_finite, g_adv)), new_opt
-        # Else fall back to the clean gradient, computed again (keeping it
-        # through the second pass would cost a copy of the weights); a
-        # non-finite g then reaches the weights as in plain Keras.
+            return present(_poison(both_finite, g_adv)), new_opt, true
+        # Else a non-finite g_adv after a finite g skips the update; a
+        # non-finite g reaches the weights as in plain Keras.
         return (
-            ops.cond(
-                both_finite,
-                lambda: present(g_adv),
-                lambda: present(clean.recompute(model, state)),
-            ),
+            present(g_adv),
             new_opt,
+            ops.logical_or(adv_finite, ops.logical_not(clean_finite)),
         )
 
     def one_pass(opt):
-        return present(clean.gradient()), opt
+        return present(clean.gradient()), opt, true
 
+    # Whether to update: a tensor inside the `sam_every` conditional.
+    true = True if sam.sam_every == 1 else ops.convert_to_tensor(True)
     if sam.sam_every == 1:
-        g_use, opt = two_pass(opt)
+        g_use, opt, update = two_pass(opt)
     else:
         perturb, _ = hooks.run(opt, sam.should_perturb)
-        g_use, opt = ops.cond(
+        g_use, opt, update = ops.cond(
             perturb, lambda: two_pass(opt), lambda: one_pass(opt)
         )
     g_use = parts.fill(clean.present, g_use, len(w))
@@ -301,7 +291,8 @@ def sharpness_aware_step(model, state, data):
         # checks the first replica's gradients only).
         g_use = _poison(backend.all_replicas(parts.all_finite(g_use)), g_use)
     new_state = StepState(w, clean.non_trainable, opt, clean.metrics)
-    return g_use, new_state, loss, clean.y_pred
+    # Every replica skips the update when one does.
+    return g_use, new_state, loss, clean.y_pred, backend.all_replicas(update)
 
 
 def _auxiliary_passes(model, state, hooks):
@@ -356,7 +347,9 @@ def _stateful_train_step(model, data):
         backend.read(model.metrics_variables),
     )
     with sam.sharpness_aware_step():
-        grads, new, loss, y_pred = sharpness_aware_step(model, state, data)
+        grads, new, loss, y_pred, update = sharpness_aware_step(
+            model, state, data
+        )
         logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
         logs.update(_log_values(model, new.optimizer))
         # The commit: nothing was assigned before this point.
@@ -372,7 +365,9 @@ def _stateful_train_step(model, data):
                     if id(v) in own
                 ],
             )
-            optimizer.apply(grads, model.trainable_variables)
+            backend.apply_if(
+                update, optimizer.apply, grads, model.trainable_variables
+            )
     return logs
 
 
@@ -389,10 +384,19 @@ def _stateless_train_step(model, state, data):
         )
     state = StepState(*(list(values) for values in state))
     with sam.sharpness_aware_step():
-        grads, new, loss, y_pred = sharpness_aware_step(model, state, data)
+        grads, new, loss, y_pred, update = sharpness_aware_step(
+            model, state, data
+        )
+
         w, opt = model.optimizer.stateless_apply(
             new.optimizer, grads, new.trainable
         )
+        if update is not True:
+            # A skipped update keeps the old values: selected elementwise,
+            # which XLA fuses into the update itself (a conditional around
+            # the update would not fuse, and costs time).
+            w = parts.select(update, w, new.trainable)
+            opt = parts.select(update, opt, new.optimizer)
     logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
     logs.update(_log_values(model, opt))
     return logs, (w, new.non_trainable, opt, metrics)

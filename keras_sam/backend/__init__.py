@@ -26,7 +26,8 @@ else:
 # The train step's glue (keras_sam.step): variable values, a gradient of a
 # function of values with auxiliary outputs, the replica context (identity
 # where the step sees the global batch), the random state that unseeded
-# layers draw from, and the context the commit runs in.
+# layers draw from, the context the commit runs in, and a conditional
+# stateful update.
 read = _impl.read
 grad_and_aux = _impl.grad_and_aux
 all_reduce = _impl.all_reduce
@@ -35,6 +36,7 @@ unscale_loss_for_distribution = _impl.unscale_loss_for_distribution
 random_state = _impl.random_state
 set_random_state = _impl.set_random_state
 no_grad = _impl.no_grad
+apply_if = _impl.apply_if
 # Hessian-vector products and gradients of a pure function of values
 # (keras_sam.sharpness), and the backend's compiler for such functions
 # (`tf.function`, `jax.jit`; torch runs eagerly).

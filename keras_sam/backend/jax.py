@@ -34,6 +34,13 @@ def unscale_loss_for_distribution(loss):
     return loss
 
 
+def apply_if(flag, apply, grads, variables):
+    """`apply(grads, variables)` where `flag` holds (eager use only: the
+    JAX step commits with `stateless_apply` under `ops.cond`)."""
+    if flag is True or bool(flag):
+        apply(grads, variables)
+
+
 def random_state():
     """Keras' JAX layers draw from seed variables (model state)."""
     return None

@@ -43,7 +43,7 @@ def all_replicas(flag):
     """A boolean scalar that holds on every replica (no collective: each
     replica's flag is read in cross-replica context)."""
     context = _context()
-    if context is None:
+    if context is None or flag is True:
         return flag
 
     def every(strategy, flag):
@@ -58,6 +58,30 @@ def unscale_loss_for_distribution(loss):
     """The replica's loss for the loss tracker: Keras scales it by
     1/replicas for the gradient."""
     return loss * tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def apply_if(flag, apply, grads, variables):
+    """`apply(grads, variables)` (a stateful optimizer update) where
+    `flag` holds; under a strategy, decided in cross-replica context as
+    Keras' LossScaleOptimizer does (`flag` agrees across replicas)."""
+    if flag is True:
+        apply(grads, variables)
+        return
+    context = _context()
+    if context is None:
+        tf.cond(flag, lambda: apply(grads, variables), lambda: None)
+        return
+
+    def cross_replica(strategy, flag, grads, variables):
+        def run():
+            strategy.extended.call_for_each_replica(
+                apply, args=(grads, variables)
+            )
+
+        flag = strategy.experimental_local_results(flag)[0]
+        tf.cond(flag, run, lambda: None)
+
+    context.merge_call(cross_replica, args=(flag, grads, variables))
 
 
 def random_state():

@@ -48,6 +48,12 @@ def unscale_loss_for_distribution(loss):
     return loss
 
 
+def apply_if(flag, apply, grads, variables):
+    """`apply(grads, variables)` where `flag` holds."""
+    if flag is True or bool(flag):
+        apply(grads, variables)
+
+
 @torch.compiler.disable
 def random_state():
     """torch's global generators: Keras' torch dropout draws from them when
