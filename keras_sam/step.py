@@ -29,13 +29,14 @@ applied as plain Keras would, while a non-finite adversarial pass after a
 finite clean one skips the update: weights, optimizer slots and iteration
 count stay as they were, as a loss-scale optimizer would leave them
 (falling back to the clean gradient instead would keep it alive through
-the second pass, a copy of the weights). Either way the optimizer's own statistics (Fisher
-EMA, learned-radius state) never absorb a non-finite pass, and
-`logs["adv_nonfinite"]` counts the steps whose adversarial gradient was
-non-finite.
+the second pass: a copy of the weights). Either way the optimizer's own
+statistics (Fisher EMA, learned-radius state) never absorb a non-finite
+pass, and `logs["adv_nonfinite"]` counts the steps whose adversarial
+gradient was non-finite.
 
-Only `value_and_grad` and a little glue (replica context, torch's random
-generators, no-grad) come from `keras_sam.backend`.
+Only a gradient of a function of values (`backend.grad_and_aux`) and a
+little glue (replica context, torch's random generators, no-grad, a
+conditional stateful update) come from `keras_sam.backend`.
 """
 
 import keras

@@ -5,9 +5,17 @@ a `keras.distribution` program sees the global batch, so the replica glue
 is the identity.
 """
 
-import contextlib
-
 import jax
+
+from keras_sam.backend._one_replica import all_reduce  # noqa: F401
+from keras_sam.backend._one_replica import all_replicas  # noqa: F401
+from keras_sam.backend._one_replica import apply_if  # noqa: F401
+from keras_sam.backend._one_replica import no_grad  # noqa: F401
+from keras_sam.backend._one_replica import random_state  # noqa: F401
+from keras_sam.backend._one_replica import set_random_state  # noqa: F401
+from keras_sam.backend._one_replica import (  # noqa: F401
+    unscale_loss_for_distribution,
+)
 
 
 def read(variables):
@@ -18,39 +26,6 @@ def read(variables):
 def grad_and_aux(fn, values):
     """`(fn(values), grads)` for `fn` returning `(loss, aux)`."""
     return jax.value_and_grad(fn, has_aux=True)(list(values))
-
-
-def all_reduce(grads):
-    """The step sees the global batch already."""
-    return grads
-
-
-def all_replicas(flag):
-    """The step sees the global batch already."""
-    return flag
-
-
-def unscale_loss_for_distribution(loss):
-    return loss
-
-
-def apply_if(flag, apply, grads, variables):
-    """`apply(grads, variables)` where `flag` holds (eager use only: the
-    JAX step commits with `stateless_apply` under `ops.cond`)."""
-    if flag is True or bool(flag):
-        apply(grads, variables)
-
-
-def random_state():
-    """Keras' JAX layers draw from seed variables (model state)."""
-    return None
-
-
-def set_random_state(state):
-    """Nothing to restore: see `random_state`."""
-
-
-no_grad = contextlib.nullcontext
 
 
 # ---------------------------------------------------------------------------

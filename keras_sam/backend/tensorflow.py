@@ -1,8 +1,10 @@
 """TensorFlow glue: gradients of a function of values, replica context."""
 
-import contextlib
-
 import tensorflow as tf
+
+from keras_sam.backend._one_replica import no_grad  # noqa: F401
+from keras_sam.backend._one_replica import random_state  # noqa: F401
+from keras_sam.backend._one_replica import set_random_state  # noqa: F401
 
 
 def read(variables):
@@ -82,18 +84,6 @@ def apply_if(flag, apply, grads, variables):
         tf.cond(flag, run, lambda: None)
 
     context.merge_call(cross_replica, args=(flag, grads, variables))
-
-
-def random_state():
-    """Keras' TensorFlow layers draw from seed variables (model state)."""
-    return None
-
-
-def set_random_state(state):
-    """Nothing to restore: see `random_state`."""
-
-
-no_grad = contextlib.nullcontext
 
 
 # ---------------------------------------------------------------------------

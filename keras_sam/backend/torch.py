@@ -3,6 +3,13 @@
 import keras
 import torch
 
+from keras_sam.backend._one_replica import all_reduce  # noqa: F401
+from keras_sam.backend._one_replica import all_replicas  # noqa: F401
+from keras_sam.backend._one_replica import apply_if  # noqa: F401
+from keras_sam.backend._one_replica import (  # noqa: F401
+    unscale_loss_for_distribution,
+)
+
 
 def read(variables):
     """The variables' current values: detached views, no copy (the step
@@ -32,26 +39,6 @@ def grad_and_aux(fn, values):
         if loss.requires_grad:
             grads = list(torch.autograd.grad(loss, values, allow_unused=True))
     return (loss.detach(), _detach(aux)), grads
-
-
-def all_reduce(grads):
-    """One process, one replica."""
-    return grads
-
-
-def all_replicas(flag):
-    """One process, one replica."""
-    return flag
-
-
-def unscale_loss_for_distribution(loss):
-    return loss
-
-
-def apply_if(flag, apply, grads, variables):
-    """`apply(grads, variables)` where `flag` holds."""
-    if flag is True or bool(flag):
-        apply(grads, variables)
 
 
 @torch.compiler.disable

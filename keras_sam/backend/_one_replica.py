@@ -1,0 +1,38 @@
+"""Glue shared by backends where the step sees one replica's whole batch
+(JAX, whose `keras.distribution` programs see the global batch, and torch)
+or draws no random state outside the model (TensorFlow, JAX)."""
+
+import contextlib
+
+
+def all_reduce(grads):
+    """The step sees the global batch already: nothing to reduce."""
+    return grads
+
+
+def all_replicas(flag):
+    """One program: its flag holds for every replica."""
+    return flag
+
+
+def unscale_loss_for_distribution(loss):
+    """The loss is the batch's already."""
+    return loss
+
+
+def apply_if(flag, apply, grads, variables):
+    """`apply(grads, variables)` (a stateful update) where `flag` holds."""
+    if flag is True or bool(flag):
+        apply(grads, variables)
+
+
+def random_state():
+    """Keras layers draw from seed variables, part of the model's state."""
+    return None
+
+
+def set_random_state(state):
+    """Nothing to restore: see `random_state`."""
+
+
+no_grad = contextlib.nullcontext
