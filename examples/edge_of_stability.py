@@ -14,7 +14,8 @@ the final sharpness follows the `2 / lr` line down, and the flatter minimum
 it settles in is less sparse, with a larger l1 norm (Fojtik et al., arXiv
 2505.21423: the learning rate trades low norm for low sharpness). The
 script prints and plots the final sharpness (with `2 / lr`) and the l1
-norm of the learned regressor `u * v` against the learning rate.
+norm of the learned regressor `u * v` against the learning rate
+(`edge_of_stability.png` in `--out-dir`, by default `out/`).
 
 Every batch is the whole training set, so each optimizer step is one step
 of full-batch gradient descent. Runs in about a minute on 2 CPU cores with
@@ -22,9 +23,11 @@ the defaults; pick the backend with KERAS_BACKEND.
 
     python examples/edge_of_stability.py
     python examples/edge_of_stability.py --steps 6000 --num-lrs 17
+    python examples/edge_of_stability.py --steps 300 --num-lrs 3  # quick
 """
 
 import argparse
+import os
 
 import keras
 import numpy as np
@@ -120,7 +123,9 @@ def main():
         help="small learning rate whose minimum defines the critical one",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="edge_of_stability.png")
+    parser.add_argument(
+        "--out-dir", default="out", help="folder of the plot (created)"
+    )
     args = parser.parse_args()
     keras.utils.set_random_seed(args.seed)
     x, y, beta = make_data(args.samples, args.features, args.seed)
@@ -194,8 +199,10 @@ def main():
         f"{keras.backend.backend()})"
     )
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
-    print(f"wrote {args.output}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "edge_of_stability.png")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ noise (30% by default), four times from the same initial weights:
   that shrinks the squared gap between validation and training loss.
 
 It prints the clean test accuracy and the final rho of each run, and writes
-a plot of rho over training (`learned_radius.png`, in `--output-dir`).
+a plot of rho over training (`learned_radius.png`, in `--out-dir`, by
+default `out/`).
 
 Runs in about a minute on 2 CPU cores with the defaults; no download. Pick
 the backend with KERAS_BACKEND.
 
     python examples/learned_radius.py
     python examples/learned_radius.py --epochs 60 --rho-small 0.002 \\
-        --rho-large 2.0 --rho-lr 0.01 --output-dir /tmp/lets
+        --rho-large 2.0 --rho-lr 0.01 --out-dir /tmp/lets
 """
 
 import argparse
@@ -170,7 +171,13 @@ def main():
     parser.add_argument("--update-every", type=int, default=1)
     parser.add_argument("--label-noise", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=".")
+    parser.add_argument(
+        "--out-dir",
+        "--output-dir",
+        dest="out_dir",
+        default="out",
+        help="folder of the plot (created)",
+    )
     args = parser.parse_args()
 
     data = load_data(args.label_noise, args.seed)
@@ -192,8 +199,8 @@ def main():
             f"{r['label']:<26}{r['rho'][-1]:>10.4f}"
             f"{r['val_accuracy']:>10.3f}{r['test_accuracy']:>10.3f}"
         )
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "learned_radius.png")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "learned_radius.png")
     plot(results, path)
     print(f"rho over training: {path}")
 

@@ -11,8 +11,9 @@ whole training set only dead inputs and units are freed, and nothing else
 moves (try `--calibration 0` for all of it).
 Prints the shift report, the Hessian trace before and after (Hutchinson,
 from `keras_sam.sharpness`), the test accuracy before and after, then
-exports the shifted model as a SavedModel, reloads it with TensorFlow and
-checks that it serves the same predictions.
+exports the shifted model as a SavedModel (`optimum_shift_serving/` in
+`--out-dir`, by default `out/`), reloads it with TensorFlow and checks that
+it serves the same predictions.
 
 Runs in about a minute on 2 CPU cores with TensorFlow or JAX (training on
 torch is several times slower); no download (the data ships with
@@ -22,11 +23,11 @@ is skipped there).
 
     python examples/optimum_shift_export.py
     python examples/optimum_shift_export.py --calibration 0 --epochs 40
+    python examples/optimum_shift_export.py --epochs 1 --probes 2  # quick
 """
 
 import argparse
 import os
-import tempfile
 import time
 
 import keras
@@ -67,14 +68,15 @@ def accuracy(model, x, y):
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
-def export_and_check(model, x):
+def export_and_check(model, x, out_dir):
     """Exports a SavedModel, reloads it with TensorFlow, compares outputs."""
     if keras.backend.backend() == "torch":
         print("export: skipped (model.export fails in Keras on torch 2.13)")
         return
     import tensorflow as tf
 
-    path = os.path.join(tempfile.mkdtemp(), "serving")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "optimum_shift_serving")
     model.export(path, verbose=False)
     loaded = tf.saved_model.load(path)
     served = loaded.serve(tf.constant(x)).numpy()
@@ -105,6 +107,9 @@ def main():
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=1)
+    parser.add_argument(
+        "--out-dir", default="out", help="folder of the export (created)"
+    )
     args = parser.parse_args()
 
     x_train, x_test, y_train, y_test = load_data(args.seed)
@@ -153,7 +158,7 @@ def main():
         f"test accuracy: {acc_before:.4f} -> "
         f"{accuracy(model, x_test, y_test):.4f}\n"
     )
-    export_and_check(model, x_test)
+    export_and_check(model, x_test, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ the manifold:
 
 The script prints test accuracy and the orthonormality error
 `max |U^T U - I|` of the kernel; the error is also logged each epoch (key
-`orth_error`), and `--plot` draws it. `--projected` gives SGD and SAM the
-retraction too (projected gradient descent) for a like-for-like comparison.
+`orth_error`), and `--plot NAME` draws it into `--out-dir` (default
+`out/`). `--projected` gives SGD and SAM the retraction too (projected
+gradient descent) for a like-for-like comparison.
 The training labels get symmetric label noise (20% by default).
 
 Runs in about a minute on 2 CPU cores with the defaults; no download. Pick
@@ -27,6 +28,7 @@ the backend with KERAS_BACKEND.
 """
 
 import argparse
+import os
 import time
 
 import keras
@@ -120,7 +122,12 @@ def main():
         action="store_true",
         help="retract SGD and SAM onto the manifold too (a constraint)",
     )
-    parser.add_argument("--plot", default=None, help="save a plot here")
+    parser.add_argument(
+        "--plot", default=None, help="file name of a plot, in --out-dir"
+    )
+    parser.add_argument(
+        "--out-dir", default="out", help="folder of the plot (created)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=1)
     args = parser.parse_args()
@@ -190,8 +197,10 @@ def main():
         plt.xlabel("epoch")
         plt.ylabel("max |U^T U - I| of the Stiefel kernel")
         plt.legend()
-        plt.savefig(args.plot, dpi=120)
-        print(f"plot saved to {args.plot}")
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, args.plot)
+        plt.savefig(path, dpi=120)
+        print(f"plot saved to {path}")
 
 
 if __name__ == "__main__":

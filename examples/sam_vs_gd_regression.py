@@ -26,9 +26,13 @@ with KERAS_BACKEND.
     python examples/sam_vs_gd_regression.py
     python examples/sam_vs_gd_regression.py --seeds 40 --noise 2
     python examples/sam_vs_gd_regression.py --decay 0  # slower: GD stops late
+    python examples/sam_vs_gd_regression.py --seeds 2 --max-steps 100  # quick
+
+The plot (`sam_vs_gd_regression.png`) goes to `--out-dir`, by default `out/`.
 """
 
 import argparse
+import os
 
 import keras
 import numpy as np
@@ -116,7 +120,9 @@ def main():
     parser.add_argument("--max-steps", type=int, default=800)
     parser.add_argument("--check-every", type=int, default=5)
     parser.add_argument("--patience", type=int, default=5)
-    parser.add_argument("--output", default="sam_vs_gd_regression.png")
+    parser.add_argument(
+        "--out-dir", default="out", help="folder of the plot (created)"
+    )
     args = parser.parse_args()
     rhos = [float(r) for r in args.rho.split(",")]
 
@@ -171,8 +177,10 @@ def main():
     ax.set_ylabel("test prediction error (early stopped)")
     ax.set_title(f"Noisy regression, {args.seeds} seeds")
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
-    print(f"wrote {args.output}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "sam_vs_gd_regression.png")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

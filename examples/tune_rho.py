@@ -12,13 +12,15 @@ What this shows:
 
 The defaults (random search, 5 trials, 10 epochs) run in about a minute on
 two CPU cores. Try `--tuner bayesian --max-trials 20 --epochs 30` for a real
-search, and `--plot rho.png` to see validation accuracy against rho.
+search, and `--plot rho.png` to see validation accuracy against rho (the
+plot goes to `--out-dir`, by default `out/`).
 
     python examples/tune_rho.py
     KERAS_BACKEND=jax python examples/tune_rho.py --tuner hyperband
 """
 
 import argparse
+import os
 import tempfile
 
 import keras
@@ -116,7 +118,12 @@ def main():
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--verbose", type=int, default=1)
-    parser.add_argument("--plot", default=None, help="PNG path for a plot")
+    parser.add_argument(
+        "--plot", default=None, help="PNG file name of a plot, in --out-dir"
+    )
+    parser.add_argument(
+        "--out-dir", default="out", help="folder of the plot (created)"
+    )
     args = parser.parse_args()
 
     keras.utils.set_random_seed(args.seed)
@@ -157,7 +164,8 @@ def main():
             f"(difference {best.score - baseline.score:+.4f})"
         )
     if args.plot:
-        plot(tuner, baseline, args.plot)
+        os.makedirs(args.out_dir, exist_ok=True)
+        plot(tuner, baseline, os.path.join(args.out_dir, args.plot))
 
 
 if __name__ == "__main__":

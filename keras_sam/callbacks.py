@@ -1,6 +1,10 @@
 """Keras callbacks of keras_sam; they report through `logs`."""
 
+import math
+import warnings
+
 import keras
+import numpy as np
 from keras import ops
 
 from keras_sam import optimizers as sam_optimizers
@@ -13,6 +17,22 @@ from keras_sam._validation import check_positive_int
 from keras_sam._validation import check_rho
 from keras_sam.optimum_shift import OptimumShifting  # noqa: F401
 from keras_sam.sharpness.hessian import METHODS
+from keras_sam.sharpness.probe import check_finite
+
+
+def _nan_on_failure(estimator, **kwargs):
+    """`estimator(**kwargs)`, or NaN with a warning if it fails numerically:
+    a diverged run is for `TerminateOnNaN` to stop, not for a monitor."""
+    try:
+        return estimator(**kwargs)
+    except (np.linalg.LinAlgError, ArithmeticError) as e:
+        warnings.warn(
+            f"SharpnessMonitor: {estimator.__name__} failed numerically "
+            f"({type(e).__name__}: {e}); logging NaN.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return math.nan
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -37,6 +57,11 @@ class SharpnessMonitor(keras.callbacks.Callback):
     `eos_ratio` is written for SGD (found inside SAM or loss-scale wrappers)
     or when `momentum` is given; adaptive optimizers have a preconditioned
     threshold, so it is left out for them.
+
+    The probe data is checked when the callback is made (a `ValueError` if
+    it has NaN or inf). A numerical failure during `fit` never raises: when
+    training diverges, the scalars are logged as NaN (with a warning) and
+    `keras.callbacks.TerminateOnNaN`, if used, decides whether to stop.
 
     Like validation metrics with `validation_freq`, the keys appear only on
     the epochs that are measured; measuring the first epoch lets `CSVLogger`
@@ -124,13 +149,11 @@ class SharpnessMonitor(keras.callbacks.Callback):
         self.rho = rho
         self.momentum = momentum
         self.seed = seed
-        # Read the probe data now, so that empty data fails here.
-        self._batches = [
-            (x, y, sample_weight)
-            for _, x, y, sample_weight in as_batches(
-                data, batch_size=batch_size, steps=steps
-            )
-        ]
+        # Read the probe data now, so that empty or non-finite data fails
+        # here rather than at the end of the first epoch.
+        batches = as_batches(data, batch_size=batch_size, steps=steps)
+        check_finite(batches)
+        self._batches = [(x, y, sw) for _, x, y, sw in batches]
         self._hessian = None
 
     def _eos_threshold(self):
@@ -160,7 +183,8 @@ class SharpnessMonitor(keras.callbacks.Callback):
             )
         hessian = self._hessian
         values = {
-            "sharpness": hessian.top_eigenvalue(
+            "sharpness": _nan_on_failure(
+                hessian.top_eigenvalue,
                 method=self.method,
                 max_iter=self.max_iter,
                 tol=self.tol,
@@ -168,8 +192,8 @@ class SharpnessMonitor(keras.callbacks.Callback):
             )
         }
         if self.trace_probes:
-            values["hessian_trace"] = hessian.trace(
-                num_probes=self.trace_probes, seed=self.seed
+            values["hessian_trace"] = _nan_on_failure(
+                hessian.trace, num_probes=self.trace_probes, seed=self.seed
             )
         norms = sharpness.parameter_norms(self.model)
         values["param_l1"] = norms["l1"]
@@ -178,7 +202,9 @@ class SharpnessMonitor(keras.callbacks.Callback):
         if threshold is not None:
             values["eos_ratio"] = values["sharpness"] / threshold
         if self.rho is not None:
-            values["sam_sharpness"] = hessian.sam_sharpness(rho=self.rho)
+            values["sam_sharpness"] = _nan_on_failure(
+                hessian.sam_sharpness, rho=self.rho
+            )
         return values
 
     def on_epoch_end(self, epoch, logs=None):

@@ -4,9 +4,10 @@
 `w`, read through a `keras.StatelessScope`, so nothing is assigned; the
 backend compiles its value-and-gradient, its Hessian-vector product and the
 Krylov iterations fused with that product (`tf.function`, `jax.jit`), once
-per `(model, loss, training)`.
+per `(model, loss, training)` (at most `CACHE_SIZE` per model).
 """
 
+import collections
 import weakref
 
 import keras
@@ -60,7 +61,25 @@ def _reduced_loss(loss, y, y_pred, sample_weight):
 
 # Compiled functions per (model, loss, mode), reused by every `Hessian` of
 # the same model: `tf.function` / `jax.jit` trace once, not once per call.
+# At most `CACHE_SIZE` per model, the least recently used dropped first: a
+# new loss object or lambda on every call must not grow memory without end.
 _COMPILED = weakref.WeakKeyDictionary()
+CACHE_SIZE = 8
+
+
+def _loss_key(loss_fn):
+    """A built-in Keras loss object by its class and config, so that equal
+    losses share their compiled functions; anything else by identity (a
+    subclass's config may leave out what its `call` reads)."""
+    if isinstance(loss_fn, keras.losses.Loss) and type(
+        loss_fn
+    ).__module__.startswith("keras."):
+        try:
+            config = keras.saving.serialize_keras_object(loss_fn)
+            return (type(loss_fn), repr(config))
+        except (TypeError, ValueError):  # not serializable: by identity
+            return loss_fn
+    return loss_fn
 
 
 def compiled_functions(model, loss_fn, training):
@@ -69,12 +88,17 @@ def compiled_functions(model, loss_fn, training):
     variables = list(model.trainable_variables)
     states = list(model.non_trainable_variables)
     try:
-        key = (loss_fn, training, tuple(id(v) for v in variables + states))
+        key = (
+            _loss_key(loss_fn),
+            training,
+            tuple(id(v) for v in variables + states),
+        )
         hash(key)
     except TypeError:
         key = None  # an unhashable loss: compile for this `Hessian` only
-    cache = _COMPILED.setdefault(model, {})
+    cache = _COMPILED.setdefault(model, collections.OrderedDict())
     if key in cache:
+        cache.move_to_end(key)
         return cache[key]
     # A weak reference, so that the cache does not keep the model alive.
     model_ref = weakref.ref(model)
@@ -121,6 +145,8 @@ def compiled_functions(model, loss_fn, training):
     functions = BatchFunctions(value_and_grad, hvp, flat_hvp)
     if key is not None:
         cache[key] = functions
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)  # the least recently used
     return functions
 
 

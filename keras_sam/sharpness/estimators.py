@@ -57,6 +57,16 @@ def top_eigenvalue(
             Defaults to `1e-3`.
         seed: Seed of the start vector. Defaults to `0`.
 
+    Returns:
+        The eigenvalue (float). NaN, with a `RuntimeWarning`, when the loss
+        or its derivatives are not finite at the current weights (training
+        diverged): a diagnostic reports the failure rather than raise.
+
+    Raises:
+        ValueError: Before any work, if `data` contains NaN or inf, lacks
+            the targets `y` the loss needs, or does not fit the model's
+            input shape.
+
     Example:
 
     >>> keras_sam.sharpness.top_eigenvalue(model, (x, y))
@@ -95,6 +105,9 @@ def hessian_trace(
         num_probes: Number of probes (Hessian-vector products).
             Defaults to `100`.
         seed: Seed of the probes. Defaults to `0`.
+
+    Returns and raises as `top_eigenvalue`: NaN with a warning for a
+    non-finite loss, a `ValueError` for non-finite or ill-shaped `data`.
 
     Example:
 

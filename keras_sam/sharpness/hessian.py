@@ -28,6 +28,9 @@ from keras_sam.sharpness.krylov import lanczos
 from keras_sam.sharpness.krylov import lanczos_block_step
 from keras_sam.sharpness.krylov import power_iteration
 from keras_sam.sharpness.krylov import power_step
+from keras_sam.sharpness.probe import check_data
+from keras_sam.sharpness.probe import check_model
+from keras_sam.sharpness.probe import nan_if_diverged
 from keras_sam.sharpness.vectors import NORM_EPSILON
 from keras_sam.sharpness.vectors import dot
 from keras_sam.sharpness.vectors import flatten
@@ -40,20 +43,6 @@ METHODS = ("lanczos", "power")
 # Lanczos iterations per compiled call on a GPU or TPU (see
 # `Hessian._lanczos_operator`); on a CPU, one.
 _ACCELERATOR_ITERATIONS = 8
-
-
-def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "`model` must be a `keras.Model` (or a `keras_sam.SAMModel`). "
-            f"Received: model={model!r} of type {type(model).__name__}"
-        )
-    if not model.built or not model.trainable_variables:
-        raise ValueError(
-            "`model` has no trainable variables yet; build it (call it on "
-            "data or give it an `Input`) before measuring its sharpness. "
-            f"Received: model={model.name!r} (built={model.built})"
-        )
 
 
 class Hessian:
@@ -86,6 +75,13 @@ class Hessian:
         steps: At most this many batches are read from an iterable `data`
             (required for an infinite dataset). Defaults to `None`, all.
 
+    `data` is checked when the `Hessian` is made: a `ValueError` says so if
+    it contains NaN or inf, lacks the targets `y` the loss needs, or does
+    not fit the model's input shape. Finite data can still give a
+    non-finite loss or gradient (weights that diverged in training): then
+    the estimators return NaN with a `RuntimeWarning` rather than raise, so
+    a monitor logs NaN and `keras.callbacks.TerminateOnNaN` can stop `fit`.
+
     Example:
 
     >>> hessian = keras_sam.sharpness.Hessian(model, (x, y))
@@ -101,7 +97,7 @@ class Hessian:
         batch_size=None,
         steps=None,
     ):
-        _check_model(model)
+        check_model(model)
         loss_fn = resolve_loss(model, loss)
         if batch_size is not None:
             batch_size = check_positive_int("batch_size", batch_size)
@@ -110,6 +106,7 @@ class Hessian:
         self.model = model
         self.training = bool(training)
         self.batches = as_batches(data, batch_size=batch_size, steps=steps)
+        check_data(model, self.batches, loss_fn)
         total = sum(n for n, _, _, _ in self.batches)
         self.weights = [n / total for n, _, _, _ in self.batches]
         self.num_samples = total
@@ -331,6 +328,7 @@ class Hessian:
         else:
             iterate = self._flat_operator(power_step)
             theta, flat = power_iteration(iterate, start, max_iter, tol)
+        theta = nan_if_diverged(theta, "top_eigenvalue")
         if return_eigenvector:
             return theta, unflatten(flat, self._values())
         return theta
@@ -357,7 +355,7 @@ class Hessian:
         for _ in range(num_probes):
             z = self._rademacher_vector(rng)
             total += dot(z, matvec(z))
-        return total / num_probes
+        return nan_if_diverged(total / num_probes, "hessian_trace")
 
     def sam_sharpness(self, rho=None, optimizer=None):
         """SAM sharpness, the loss increase at the adversarial point.
@@ -402,4 +400,4 @@ class Hessian:
                 ops.add(w, ops.cast(ops.multiply(g, scale), w.dtype))
                 for w, g in zip(values, grads)
             ]
-        return self.loss(adversarial) - loss
+        return nan_if_diverged(self.loss(adversarial) - loss, "sam_sharpness")

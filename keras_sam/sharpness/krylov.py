@@ -162,6 +162,9 @@ def lanczos(iterate, start, max_iter, tol, return_vector=False):
         restart = None
         for i, (alpha, beta) in enumerate(ops.convert_to_numpy(stats)):
             alpha, beta = float(alpha), float(beta)
+            if not (math.isfinite(alpha) and math.isfinite(beta)):
+                # A non-finite product (diverged weights): no eigenvalue.
+                return math.nan, ops.full_like(q, math.nan)
             alphas.append(alpha)
             norm = max(norm, abs(alpha) + beta + (betas[-1] if betas else 0.0))
             tridiagonal = (
@@ -232,6 +235,8 @@ def power_iteration(iterate, start, max_iter, tol):
     for _ in range(max_iter):
         v_next, stats = iterate(v)
         previous, (theta, norm) = theta, _scalars(stats)
+        if not (math.isfinite(theta) and math.isfinite(norm)):
+            return math.nan, ops.full_like(v, math.nan)
         if norm <= NORM_EPSILON:
             return 0.0, v
         v = v_next
