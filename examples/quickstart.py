@@ -6,15 +6,22 @@ around that same SGD, then prints the test accuracy of each. The training
 labels get symmetric label noise (20% by default), the setting where SAM's
 flatter minima help most; the test labels stay clean.
 
-Runs in about a minute on 2 CPU cores with the defaults; no download (the
-data ships with scikit-learn). Pick the backend with KERAS_BACKEND.
+Runs in about 20 s on 2 CPU cores with the defaults (TensorFlow; start-up
+included); no download (the data ships with scikit-learn). Prints one line
+every 10 epochs per run (`--verbose 1` for Keras' progress bars). Pick the
+backend with KERAS_BACKEND.
 
     python examples/quickstart.py
     python examples/quickstart.py --epochs 60 --rho 0.1 --variant asam
 """
 
 import argparse
+import os
 import time
+
+# TensorFlow's C++ info lines (CUDA not found on a CPU machine, oneDNN) are
+# not errors; hide the ones TensorFlow lets a program hide.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np
@@ -53,12 +60,16 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--rho", type=float, default=None,
-                        help="radius (default 0.05 for SAM, 0.5 for ASAM)")
+    parser.add_argument(
+        "--rho",
+        type=float,
+        default=None,
+        help="radius (default 0.05 for SAM, 0.5 for ASAM)",
+    )
     parser.add_argument("--variant", choices=["sam", "asam"], default="sam")
     parser.add_argument("--label-noise", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", type=int, default=1)
+    parser.add_argument("--verbose", type=int, default=0)
     args = parser.parse_args()
 
     (x_train, y_train), (x_test, y_test) = load_data(
@@ -84,19 +95,29 @@ def main():
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
         print(f"\n== {name}: {type(optimizer).__name__}")
         start = time.perf_counter()
+        every_10 = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: (epoch + 1) % 10
+            or print(
+                f"  epoch {epoch + 1:3d}/{args.epochs}: loss "
+                f"{logs['loss']:.4f}, train accuracy {logs['accuracy']:.4f}"
+            )
+        )
         model.fit(
             x_train,
             y_train,
             batch_size=args.batch_size,
             epochs=args.epochs,
             verbose=args.verbose,
+            callbacks=[] if args.verbose else [every_10],
         )
         seconds = time.perf_counter() - start
         _, accuracy = model.evaluate(x_test, y_test, verbose=0)
         results[name] = (accuracy, seconds)
 
-    print(f"\nbackend {keras.backend.backend()}, label noise "
-          f"{args.label_noise:.0%}, {args.epochs} epochs")
+    print(
+        f"\nbackend {keras.backend.backend()}, label noise "
+        f"{args.label_noise:.0%}, {args.epochs} epochs"
+    )
     for name, (accuracy, seconds) in results.items():
         print(f"{name:>6}: test accuracy {accuracy:.4f}  ({seconds:.1f} s)")
 
