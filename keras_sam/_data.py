@@ -297,8 +297,15 @@ def _concatenate(batches):
         ) from e
 
 
-def _check_sample_counts(batch):
-    """The common number of samples of `x`, `y` and `sample_weight`."""
+_UNBATCHED = (
+    " in a batch. Is the dataset unbatched (elements without a leading "
+    "batch axis)? Batch it first, e.g. `dataset.batch(32)`"
+)
+
+
+def _check_sample_counts(batch, hint=""):
+    """The common number of samples of `x`, `y` and `sample_weight`;
+    `hint` ends the error messages."""
     sizes = {}
     for name, part in zip(("x", "y", "sample_weight"), batch):
         for leaf in keras.tree.flatten(part):
@@ -308,6 +315,7 @@ def _check_sample_counts(batch):
                 raise ValueError(
                     f"Every array of `validation_data` needs a leading "
                     f"sample axis. Received: {name} of shape {leaf.shape}"
+                    + hint
                 )
             sizes.setdefault(name, leaf.shape[0])
             if leaf.shape[0] != sizes[name]:
@@ -321,6 +329,7 @@ def _check_sample_counts(batch):
             "`validation_data` x, y (and sample_weight) must have the same "
             "number of samples. Received: "
             + ", ".join(f"{k} with {v} samples" for k, v in sizes.items())
+            + hint
         )
     if sizes["x"] == 0:
         raise ValueError(
@@ -378,6 +387,8 @@ def validation_arrays(validation_data):
                 "`validation_data` is empty: the dataset yielded no batches. "
                 "Received: validation_data with 0 batches"
             )
+        # The first element must be a batch, not one sample (unbatched).
+        _check_sample_counts(batches[0], _UNBATCHED)
         batch = _concatenate(batches)
     n = _check_sample_counts(batch)
 

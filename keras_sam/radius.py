@@ -23,6 +23,8 @@ import numpy as np
 from keras import ops
 
 from keras_sam._data import validation_arrays
+from keras_sam._shapes import check_fits
+from keras_sam._shapes import trailing
 from keras_sam._validation import check_float
 from keras_sam._validation import check_positive_int
 from keras_sam._validation import check_seed
@@ -142,6 +144,7 @@ class LearnedRadius:
         self._data = None
         self._num_samples = 0
         self._optimizer = None
+        self._checked = set()
 
     def set_validation_data(self, validation_data):
         """Reads `validation_data` into memory (shuffled once).
@@ -160,6 +163,18 @@ class LearnedRadius:
         )
         self._data = arrays
         self._num_samples = n
+        self._checked = set()
+
+    def check_model(self, model, y=None):
+        """Checks the validation data against `model` and, when given, the
+        training targets `y` (see `keras_sam._shapes.check_fits`)."""
+        if self._data is None:
+            return
+        key = (id(model), None if y is None else trailing(y))
+        if key not in self._checked:
+            x_val, y_val, _ = self._data
+            check_fits("LearnedRadius", x_val, y_val, model, y)
+            self._checked.add(key)
 
     # ---- state, created through the optimizer ----
 

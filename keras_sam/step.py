@@ -416,6 +416,9 @@ def _prepare(model, data):
     # the model's, the compiled loss's and metrics' and the optimizer's
     # variables, which the step reads as values before running anything.
     model._symbolic_build(data_batch=data)
+    if sam.radius is not None:  # its validation data against the model
+        _, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        sam.radius.check_model(model, y)
     return sam
 
 

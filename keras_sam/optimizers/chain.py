@@ -17,6 +17,13 @@ def find_optimizer(optimizer, cls):
     return None
 
 
+def describe(optimizer):
+    """The chain of wrappers by class, e.g. `LossScaleOptimizer(SAM(SGD))`."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    name = optimizer.__class__.__name__
+    return name if inner is None else f"{name}({describe(inner)})"
+
+
 def has_loss_scaling(optimizer):
     """True when a `LossScaleOptimizer` wraps (or is) the SAM optimizer.
 

@@ -26,6 +26,7 @@ from keras import ops
 from keras_sam._validation import check_bool
 from keras_sam._validation import check_positive_int
 from keras_sam._validation import check_rho
+from keras_sam.optimizers.chain import describe
 from keras_sam.optimizers.chain import find_optimizer
 from keras_sam.radius import LearnedRadius
 
@@ -60,11 +61,12 @@ def _check_splits(sync_perturbation, num_batch_splits):
 
 
 def get_inner(optimizer):
-    if isinstance(optimizer, SAM):
+    if find_optimizer(optimizer, SAM) is not None:
         raise TypeError(
             "The inner optimizer of a sharpness-aware optimizer must be a "
-            "stock Keras optimizer, not another sharpness-aware optimizer. "
-            f"Received: optimizer={optimizer.__class__.__name__}"
+            "stock Keras optimizer (in a LossScaleOptimizer or not), not "
+            "another sharpness-aware optimizer. Received: "
+            f"optimizer={describe(optimizer)}"
         )
     try:
         inner = keras.optimizers.get(optimizer)
@@ -188,6 +190,8 @@ class SAM(keras.optimizers.Optimizer):
     # ---- wrapper plumbing (mirrors keras.optimizers.LossScaleOptimizer) ----
 
     def build(self, var_list):
+        if self.built:
+            return
         self.inner_optimizer.build(var_list)
         super().build(var_list)
         if self.radius is not None:
@@ -401,6 +405,12 @@ class SAM(keras.optimizers.Optimizer):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
+        if "optimizer" not in config:
+            raise ValueError(
+                f"The config of a `{cls.__name__}` optimizer must hold the "
+                "inner optimizer under the key 'optimizer'. Received: "
+                f"config with keys {sorted(config)!r}"
+            )
         config["optimizer"] = keras.saving.deserialize_keras_object(
             config["optimizer"], custom_objects=custom_objects
         )
