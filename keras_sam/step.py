@@ -42,142 +42,11 @@ conditional stateful update) come from `keras_sam.backend`.
 import keras
 from keras import ops
 
+from keras_sam import _passes as passes
 from keras_sam import _step_parts as parts
+from keras_sam._passes import StepState
 from keras_sam import backend
 from keras_sam import optimizers as sam_optimizers
-
-
-class StepState:
-    """Values of every variable the step reads, in the model's orders."""
-
-    __slots__ = ("trainable", "non_trainable", "optimizer", "metrics")
-
-    def __init__(self, trainable, non_trainable, optimizer, metrics):
-        self.trainable = list(trainable)
-        self.non_trainable = list(non_trainable)
-        self.optimizer = list(optimizer)
-        self.metrics = list(metrics)
-
-    def replace(self, **changes):
-        values = {name: getattr(self, name) for name in self.__slots__}
-        values.update(changes)
-        return StepState(**values)
-
-
-def _loss_fn(model, state, batch, training):
-    """`(scaled loss, (loss, y_pred, new non-trainable, new metrics))` of
-    `model` at `state.trainable` on `batch`, assigning nothing."""
-    x, y, sample_weight = batch
-    mapping = parts.Stateless(
-        model.trainable_variables
-        + model.non_trainable_variables
-        + model.metrics_variables
-        + model.optimizer.variables,
-        collect_losses=True,
-    )
-
-    def forward():
-        y_pred = model(x, training=training)
-        loss = model.compute_loss(
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=training,
-        )
-        scaled = model.optimizer.scale_loss(loss) if training else loss
-        return scaled, loss, y_pred
-
-    (scaled, loss, y_pred), values = mapping.run(
-        state.trainable + state.non_trainable + state.metrics + state.optimizer,
-        forward,
-    )
-    start = len(state.trainable)
-    middle = start + len(state.non_trainable)
-    end = middle + len(state.metrics)
-    return scaled, (loss, y_pred, values[start:middle], values[middle:end])
-
-
-def _grad(model, state, batch, training=True):
-    """`(loss, y_pred, non_trainable, metrics), grads` at `state`."""
-
-    def fn(w):
-        return _loss_fn(model, state.replace(trainable=w), batch, training)
-
-    (_, aux), grads = backend.grad_and_aux(fn, state.trainable)
-    return aux, grads
-
-
-class _Pass:
-    """One forward/backward pass on a sub-batch: loss, y_pred, grads."""
-
-    def __init__(self, loss, y_pred, grads):
-        self.loss, self.y_pred, self.grads = loss, y_pred, grads
-
-
-class _Passes:
-    """The passes of one kind (clean or adversarial) over the sub-batches,
-    with the model state and random state before each (for replay)."""
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.fractions = [fraction for _, fraction in batches]
-        self.parts, self.before = [], []
-        self.non_trainable = self.metrics = self.after = None
-
-    @property
-    def present(self):
-        return parts.present(self.parts[0].grads)
-
-    @property
-    def y_pred(self):
-        return parts.concat([p.y_pred for p in self.parts])
-
-    def gradient(self):
-        return parts.combine([p.grads for p in self.parts], self.fractions)
-
-
-def _passes(model, state, batches, weights, replay=None):
-    """Forward/backward passes at `weights[j]` on each sub-batch j.
-
-    Without `replay`, sub-batch j starts from the model state that j-1
-    left and the state changes are kept (the clean pass). With it, each
-    starts from the state and random state `replay` had before it, and the
-    state changes are dropped.
-    """
-    passes = _Passes(batches)
-    non_trainable, metrics = state.non_trainable, state.metrics
-    for j, ((batch, _), w_j) in enumerate(zip(batches, weights)):
-        if replay is None:
-            passes.before.append((non_trainable, backend.random_state()))
-        else:
-            non_trainable = replay.before[j][0]
-            backend.set_random_state(replay.before[j][1])
-        aux, grads = _grad(
-            model,
-            state.replace(
-                trainable=w_j, non_trainable=non_trainable, metrics=metrics
-            ),
-            batch,
-        )
-        loss, y_pred, new_non_trainable, new_metrics = aux
-        passes.parts.append(_Pass(loss, y_pred, grads))
-        if replay is None:
-            non_trainable, metrics = new_non_trainable, new_metrics
-    if replay is None:
-        passes.after = backend.random_state()
-    else:
-        backend.set_random_state(replay.after)
-    passes.non_trainable, passes.metrics = non_trainable, metrics
-    return passes
-
-
-def _poison(flag, grads):
-    """`grads` where `flag` holds, NaN elsewhere (a loss-scale optimizer
-    then skips the step)."""
-    return [
-        None if t is None else ops.where(flag, t, float("nan")) for t in grads
-    ]
 
 
 def _num_splits(sam):
@@ -217,13 +86,13 @@ def sharpness_aware_step(model, state, data):
     # 1. g = grad L_B(w), the clean pass: its metrics and model state are
     #    kept. Sub-batch j starts from the state j-1 left; the state and
     #    random state before each are kept, for the second pass to replay.
-    clean = _passes(model, state, batches, [w] * len(batches))
+    clean = passes.run(model, state, batches, [w] * len(batches))
     loss = parts.combine([[p.loss] for p in clean.parts], fractions)[0]
     g_parts = [unscaled(p.grads) for p in clean.parts]
     g = parts.combine(g_parts, fractions)
     clean_finite = parts.all_finite(g)
     # The clean-pass hook (Fisher EMA, learned radius), kept if g is finite.
-    auxiliary = _auxiliary_passes(model, state, hooks)
+    auxiliary = passes.auxiliary(model, state, hooks)
     _, opt = hooks.run(
         state.optimizer,
         lambda: sam.on_clean_pass(loss, g, variables, auxiliary),
@@ -242,7 +111,7 @@ def sharpness_aware_step(model, state, data):
             [a if a is not None else w_i for a, w_i in zip(wj, w)]
             for wj in w_adv
         ]
-        adv = _passes(
+        adv = passes.run(
             model, state.replace(optimizer=opt), batches, w_adv, replay=clean
         )
         g_adv = parts.combine([p.grads for p in adv.parts], fractions)
@@ -265,7 +134,7 @@ def sharpness_aware_step(model, state, data):
         )
         if sam_optimizers.has_loss_scaling(optimizer):
             # A non-finite pass: the loss-scale optimizer skips the step.
-            return present(_poison(both_finite, g_adv)), new_opt, true
+            return present(passes.poison(both_finite, g_adv)), new_opt, true
         # Else a non-finite g_adv after a finite g skips the update; a
         # non-finite g reaches the weights as in plain Keras.
         return (
@@ -290,40 +159,12 @@ def sharpness_aware_step(model, state, data):
     if sam_optimizers.has_loss_scaling(optimizer):
         # Every replica skips when one does (Keras' LossScaleOptimizer
         # checks the first replica's gradients only).
-        g_use = _poison(backend.all_replicas(parts.all_finite(g_use)), g_use)
+        g_use = passes.poison(
+            backend.all_replicas(parts.all_finite(g_use)), g_use
+        )
     new_state = StepState(w, clean.non_trainable, opt, clean.metrics)
     # Every replica skips the update when one does.
     return g_use, new_state, loss, clean.y_pred, backend.all_replicas(update)
-
-
-def _auxiliary_passes(model, state, hooks):
-    """`[(loss, grads)]` of the optimizer's auxiliary batches at w
-    (inference mode, unscaled), or zeros without running them when the
-    optimizer says they are not due."""
-    sam = model.sam_optimizer
-    (batches, due), _ = hooks.run(
-        state.optimizer, lambda: (sam.auxiliary_batches(), sam.auxiliary_due())
-    )
-    w = state.trainable
-
-    def run():
-        results = []
-        for batch in batches:
-            (loss, _, _, _), grads = _grad(model, state, batch, training=False)
-            results.append(
-                (ops.cast(loss, "float32"), parts.zeros_for_none(grads, w))
-            )
-        return results
-
-    def zeros():
-        return [
-            (ops.zeros((), "float32"), [ops.zeros_like(v) for v in w])
-            for _ in batches
-        ]
-
-    if not batches or due is True:
-        return run()
-    return ops.cond(due, run, zeros)
 
 
 # ---------------------------------------------------------------------------
