@@ -60,9 +60,7 @@ def split_batch(batch, num_splits):
     for j in range(num_splits):
         start = ops.minimum(j * size, n)
         stop = ops.minimum(start + size, n)
-        fraction = ops.divide(
-            ops.cast(stop - start, "float32"), ops.cast(n, "float32")
-        )
+        fraction = ops.divide(ops.cast(stop - start, "float32"), ops.cast(n, "float32"))
         parts.append((_slice(batch, start, stop), fraction))
     return parts
 
@@ -98,9 +96,7 @@ def concat(structures):
     """Concatenates the sub-batches' predictions along the batch axis."""
     if len(structures) == 1:
         return structures[0]
-    return keras.tree.map_structure(
-        lambda *t: ops.concatenate(t, axis=0), *structures
-    )
+    return keras.tree.map_structure(lambda *t: ops.concatenate(t, axis=0), *structures)
 
 
 def all_finite(tensors):
@@ -121,9 +117,7 @@ def select(condition, if_true, if_false):
 
 
 def zeros_for_none(tensors, like):
-    return [
-        ops.zeros_like(w) if t is None else t for t, w in zip(tensors, like)
-    ]
+    return [ops.zeros_like(w) if t is None else t for t, w in zip(tensors, like)]
 
 
 def present(values):
@@ -137,6 +131,16 @@ def fill(indices, values, size):
     for i, v in zip(indices, values):
         out[i] = v
     return out
+
+
+def changed(new, old):
+    """`new` with `None` where a value is still the `old` object."""
+    return [None if n is o else n for n, o in zip(new, old)]
+
+
+def unchanged_from(values, old):
+    """The inverse of `changed`: `old` where `values` holds `None`."""
+    return [o if v is None else v for v, o in zip(values, old)]
 
 
 def data_parallel_replicas():

@@ -52,8 +52,9 @@ from keras_sam import optimizers as sam_optimizers
 def _num_splits(sam):
     """Sub-batches with their own perturbation: `num_batch_splits` per
     replica, times the data-parallel replicas of a `keras.distribution`
-    unless the perturbation is synchronized."""
-    if sam.sync_perturbation:
+    unless the perturbation is synchronized (or the step already runs once
+    per replica)."""
+    if sam.sync_perturbation or backend.in_replica():
         return sam.num_batch_splits
     return sam.num_batch_splits * parts.data_parallel_replicas()
 
@@ -107,10 +108,7 @@ def sharpness_aware_step(model, state, data):
             hooks.run(opt, lambda: sam.perturbed_values(g_j, variables, w))[0]
             for g_j in g_parts
         ]
-        w_adv = [
-            [a if a is not None else w_i for a, w_i in zip(wj, w)]
-            for wj in w_adv
-        ]
+        w_adv = [[a if a is not None else w_i for a, w_i in zip(wj, w)] for wj in w_adv]
         adv = passes.run(
             model, state.replace(optimizer=opt), batches, w_adv, replay=clean
         )
@@ -159,9 +157,7 @@ def sharpness_aware_step(model, state, data):
     if sam_optimizers.has_loss_scaling(optimizer):
         # Every replica skips when one does (Keras' LossScaleOptimizer
         # checks the first replica's gradients only).
-        g_use = passes.poison(
-            backend.all_replicas(parts.all_finite(g_use)), g_use
-        )
+        g_use = passes.poison(backend.all_replicas(parts.all_finite(g_use)), g_use)
     new_state = StepState(w, clean.non_trainable, opt, clean.metrics)
     # Every replica skips the update when one does.
     return g_use, new_state, loss, clean.y_pred, backend.all_replicas(update)
@@ -189,9 +185,7 @@ def _stateful_train_step(model, data):
         backend.read(model.metrics_variables),
     )
     with sam.sharpness_aware_step():
-        grads, new, loss, y_pred, update = sharpness_aware_step(
-            model, state, data
-        )
+        grads, new, loss, y_pred, update = sharpness_aware_step(model, state, data)
         logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
         logs.update(_log_values(model, new.optimizer))
         # The commit: nothing was assigned before this point.
@@ -207,9 +201,7 @@ def _stateful_train_step(model, data):
                     if id(v) in own
                 ],
             )
-            backend.apply_if(
-                update, optimizer.apply, grads, model.trainable_variables
-            )
+            backend.apply_if(update, optimizer.apply, grads, model.trainable_variables)
     return logs
 
 
@@ -226,13 +218,9 @@ def _stateless_train_step(model, state, data):
         )
     state = StepState(*(list(values) for values in state))
     with sam.sharpness_aware_step():
-        grads, new, loss, y_pred, update = sharpness_aware_step(
-            model, state, data
-        )
+        grads, new, loss, y_pred, update = _each_replica(model, state, data)
 
-        w, opt = model.optimizer.stateless_apply(
-            new.optimizer, grads, new.trainable
-        )
+        w, opt = model.optimizer.stateless_apply(new.optimizer, grads, new.trainable)
         if update is not True:
             # A skipped update keeps the old values: selected elementwise,
             # which XLA fuses into the update itself (a conditional around
@@ -242,6 +230,51 @@ def _stateless_train_step(model, state, data):
     logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
     logs.update(_log_values(model, opt))
     return logs, (w, new.non_trainable, opt, metrics)
+
+
+def _each_replica(model, state, data):
+    """`sharpness_aware_step` once per data-parallel replica of a
+    `keras.distribution.DataParallel`, each on its own part of the batch
+    and its own device; then the gradients and changed state are averaged
+    (metric updates summed). Without one, the step on the whole batch."""
+    mapped = []
+
+    def step(values, data):  # the state as lists: a JAX pytree
+        grads, new, loss, y_pred, update = sharpness_aware_step(
+            model, StepState(*values), data
+        )
+        mapped.append((backend.in_replica(), update is True))
+        if not mapped[0][0]:
+            return (grads, new, loss, update), new.metrics, y_pred
+        # Only what the step changed crosses devices (`None` elsewhere).
+        non_trainable = parts.changed(new.non_trainable, state.non_trainable)
+        optimizer = parts.changed(new.optimizer, state.optimizer)
+        metrics = [
+            None if m is None else ops.subtract(m, old)
+            for m, old in zip(parts.changed(new.metrics, state.metrics), state.metrics)
+        ]
+        flag = ops.convert_to_tensor(update)
+        return (grads, non_trainable, optimizer, loss, flag), metrics, y_pred
+
+    means, sums, y_pred = backend.per_replica(
+        step,
+        (state.trainable, state.non_trainable, state.optimizer, state.metrics),
+        data,
+    )
+    in_replica, static_update = mapped[0]
+    if not in_replica:
+        return means[:3] + (y_pred, means[3])
+    grads, non_trainable, optimizer, loss, update = means
+    new = StepState(
+        state.trainable,
+        parts.unchanged_from(non_trainable, state.non_trainable),
+        parts.unchanged_from(optimizer, state.optimizer),
+        [
+            old if delta is None else ops.add(old, delta)
+            for delta, old in zip(sums, state.metrics)
+        ],
+    )
+    return grads, new, loss, y_pred, True if static_update else update
 
 
 def _prepare(model, data):

@@ -15,6 +15,16 @@ def all_replicas(flag):
     return flag
 
 
+def in_replica():
+    """Whether the code runs once per replica: never here."""
+    return False
+
+
+def per_replica(fn, state, data):
+    """One call on the whole batch: `fn(state, data)`."""
+    return fn(state, data)
+
+
 def unscale_loss_for_distribution(loss):
     """The loss is the batch's already."""
     return loss

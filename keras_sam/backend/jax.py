@@ -1,14 +1,16 @@
-"""JAX glue: gradients of a pure function of values.
+"""JAX glue: gradients of a pure function of values, and replicas.
 
-The step is stateless on JAX (`keras_sam.step` returns the new state), and
-a `keras.distribution` program sees the global batch, so the replica glue
-is the identity.
+The step is stateless on JAX (`keras_sam.step` returns the new state). A
+`keras.distribution` program sees the global batch; under
+`DataParallel` the step's passes run once per replica instead
+(`per_replica`, a `shard_map` over the batch axis), and inside it the
+replica glue reduces over that axis. Elsewhere it is the identity.
 """
 
 import jax
+import keras
+import numpy as np
 
-from keras_sam.backend._one_replica import all_reduce  # noqa: F401
-from keras_sam.backend._one_replica import all_replicas  # noqa: F401
 from keras_sam.backend._one_replica import apply_if  # noqa: F401
 from keras_sam.backend._one_replica import no_grad  # noqa: F401
 from keras_sam.backend._one_replica import random_state  # noqa: F401
@@ -16,6 +18,85 @@ from keras_sam.backend._one_replica import set_random_state  # noqa: F401
 from keras_sam.backend._one_replica import (  # noqa: F401
     unscale_loss_for_distribution,
 )
+
+# The mesh axis of the `per_replica` region being traced, if any.
+_REPLICA_AXES = []
+
+
+def all_reduce(grads):
+    """The mean over replicas (inside `per_replica`; else the identity)."""
+    if not _REPLICA_AXES:
+        return grads
+    axis = _REPLICA_AXES[-1]
+    return [None if g is None else jax.lax.pmean(g, axis) for g in grads]
+
+
+def all_replicas(flag):
+    """A boolean scalar that holds on every replica."""
+    if not _REPLICA_AXES or flag is True:
+        return flag
+    flag = jax.numpy.asarray(flag, "int32")
+    return jax.lax.pmin(flag, _REPLICA_AXES[-1]) > 0
+
+
+def in_replica():
+    """Whether the code runs once per replica (inside `per_replica`)."""
+    return bool(_REPLICA_AXES)
+
+
+def per_replica(fn, state, data):
+    """`fn(state, data)` once per data-parallel replica, on its own part of
+    the batch, when a `keras.distribution.DataParallel` over several
+    devices is set (else one call on the global batch).
+
+    The region is a `shard_map` over the batch axis: the state goes in
+    replicated, `data` split along its first dimension. `fn` returns
+    `(means, sums, batched)`: floating values of `means` are averaged over
+    the replicas (others are the same on every replica and kept), `sums`
+    are summed, `batched` is concatenated back into the global batch.
+    Each replica's two passes stay on its own device; only what `fn`
+    reduces crosses devices.
+    """
+    distribution = keras.distribution.distribution()
+    if (
+        _REPLICA_AXES
+        or not isinstance(distribution, keras.distribution.DataParallel)
+        or distribution.batch_dim_name is None
+    ):
+        return fn(state, data)
+    mesh = distribution.device_mesh.backend_mesh
+    axis = distribution.batch_dim_name
+    count = int(mesh.shape[axis])
+    sizes = {int(np.shape(t)[0]) for t in jax.tree.leaves(data) if np.ndim(t)}
+    if count == 1 or any(size % count for size in sizes):
+        return fn(state, data)  # one program: XLA splits what it can
+    replicated = jax.sharding.PartitionSpec()
+    split = jax.sharding.PartitionSpec(axis)
+
+    def local(state, data):
+        _REPLICA_AXES.append(axis)
+        try:
+            means, sums, batched = fn(state, data)
+        finally:
+            _REPLICA_AXES.pop()
+
+        def mean(t):
+            if jax.numpy.issubdtype(t.dtype, jax.numpy.inexact):
+                return jax.lax.pmean(t, axis)
+            return t
+
+        means = jax.tree.map(mean, means)
+        sums = jax.tree.map(lambda t: jax.lax.psum(t, axis), sums)
+        return means, sums, batched
+
+    mapped = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(replicated, split),
+        out_specs=(replicated, replicated, split),
+        check_vma=False,
+    )
+    return mapped(state, data)
 
 
 def read(variables):
@@ -45,9 +126,7 @@ def hvp(fn, values, vectors, *args):
     along `v`, one forward-mode sweep through the gradient computation.
     """
     values = list(values)
-    vectors = [
-        jax.numpy.asarray(v, dtype=w.dtype) for v, w in zip(vectors, values)
-    ]
+    vectors = [jax.numpy.asarray(v, dtype=w.dtype) for v, w in zip(vectors, values)]
     grad_fn = jax.grad(lambda w: fn(w, *args))
     _, hv = jax.jvp(grad_fn, (values,), (vectors,))
     return hv
