@@ -165,7 +165,9 @@ def as_batches(data, batch_size=None, steps=None):
 
 
 def _numpy_batch(batch):
-    return tuple(keras.tree.map_structure(to_numpy, part) for part in unpack(batch))
+    return tuple(
+        keras.tree.map_structure(to_numpy, part) for part in unpack(batch)
+    )
 
 
 class Batches:
@@ -190,7 +192,9 @@ class Batches:
     def __init__(self, data, batch_size):
         self.data = data
         self.batch_size = batch_size
-        if _is_array(data) or (isinstance(data, tuple) and data and _is_array(data[0])):
+        if _is_array(data) or (
+            isinstance(data, tuple) and data and _is_array(data[0])
+        ):
             self.kind = "arrays"
             self.arrays = _numpy_batch(data)
             sizes = {
@@ -230,7 +234,9 @@ class Batches:
         if self.kind == "arrays":
             for start in range(0, self.size, self.batch_size):
                 stop = start + self.batch_size
-                yield tuple(slice_samples(part, start, stop) for part in self.arrays)
+                yield tuple(
+                    slice_samples(part, start, stop) for part in self.arrays
+                )
         elif self.kind == "pydataset":
             for i in range(self.data.num_batches):
                 yield _numpy_batch(self.data[i])
@@ -250,7 +256,11 @@ def _validation_batch(batch, where):
             "`validation_data` must be `(x, y)` or `(x, y, sample_weight)`, "
             "or a dataset of such batches. Received: "
             f"{where}={type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + (
+                f" of length {len(batch)}"
+                if isinstance(batch, (tuple, list))
+                else ""
+            )
         )
     x, y = batch[0], batch[1]
     sample_weight = batch[2] if len(batch) == 3 else None
@@ -275,7 +285,9 @@ def _concatenate(batches):
         return keras.tree.map_structure(join, *batches)
     except (ValueError, TypeError) as e:
         shapes = [
-            keras.tree.map_structure(lambda a: None if a is None else a.shape, b)
+            keras.tree.map_structure(
+                lambda a: None if a is None else a.shape, b
+            )
             for b in batches[:3]
         ]
         raise ValueError(
@@ -302,7 +314,8 @@ def _check_sample_counts(batch, hint=""):
             if leaf.ndim == 0:
                 raise ValueError(
                     f"Every array of `validation_data` needs a leading "
-                    f"sample axis. Received: {name} of shape {leaf.shape}" + hint
+                    f"sample axis. Received: {name} of shape {leaf.shape}"
+                    + hint
                 )
             sizes.setdefault(name, leaf.shape[0])
             if leaf.shape[0] != sizes[name]:
@@ -319,7 +332,9 @@ def _check_sample_counts(batch, hint=""):
             + hint
         )
     if sizes["x"] == 0:
-        raise ValueError("`validation_data` is empty. Received: x with 0 samples")
+        raise ValueError(
+            "`validation_data` is empty. Received: x with 0 samples"
+        )
     return sizes["x"]
 
 

@@ -119,7 +119,9 @@ def run(model, state, batches, weights, replay=None):
             backend.set_random_state(replay.before[j][1])
         aux, grads = grad(
             model,
-            state.replace(trainable=w_j, non_trainable=non_trainable, metrics=metrics),
+            state.replace(
+                trainable=w_j, non_trainable=non_trainable, metrics=metrics
+            ),
             batch,
         )
         loss, y_pred, new_non_trainable, new_metrics = aux
@@ -137,7 +139,9 @@ def run(model, state, batches, weights, replay=None):
 def poison(flag, grads):
     """`grads` where `flag` holds, NaN elsewhere (a loss-scale optimizer
     then skips the step)."""
-    return [None if t is None else ops.where(flag, t, float("nan")) for t in grads]
+    return [
+        None if t is None else ops.where(flag, t, float("nan")) for t in grads
+    ]
 
 
 def auxiliary(model, state, hooks):
@@ -154,12 +158,15 @@ def auxiliary(model, state, hooks):
         results = []
         for batch in batches:
             (loss, _, _, _), grads = grad(model, state, batch, training=False)
-            results.append((ops.cast(loss, "float32"), parts.zeros_for_none(grads, w)))
+            results.append(
+                (ops.cast(loss, "float32"), parts.zeros_for_none(grads, w))
+            )
         return results
 
     def zeros():
         return [
-            (ops.zeros((), "float32"), [ops.zeros_like(v) for v in w]) for _ in batches
+            (ops.zeros((), "float32"), [ops.zeros_like(v) for v in w])
+            for _ in batches
         ]
 
     if not batches or due is True:

@@ -60,6 +60,7 @@ def trailing(structure):
 def _same(shapes, others):
     """Equal lists of shapes, an unknown (`None`) dimension matching any."""
     return len(shapes) == len(others) and all(
-        len(a) == len(b) and all(i is None or j is None or i == j for i, j in zip(a, b))
+        len(a) == len(b)
+        and all(i is None or j is None or i == j for i, j in zip(a, b))
         for a, b in zip(shapes, others)
     )

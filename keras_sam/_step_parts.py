@@ -60,7 +60,9 @@ def split_batch(batch, num_splits):
     for j in range(num_splits):
         start = ops.minimum(j * size, n)
         stop = ops.minimum(start + size, n)
-        fraction = ops.divide(ops.cast(stop - start, "float32"), ops.cast(n, "float32"))
+        fraction = ops.divide(
+            ops.cast(stop - start, "float32"), ops.cast(n, "float32")
+        )
         parts.append((_slice(batch, start, stop), fraction))
     return parts
 
@@ -96,7 +98,9 @@ def concat(structures):
     """Concatenates the sub-batches' predictions along the batch axis."""
     if len(structures) == 1:
         return structures[0]
-    return keras.tree.map_structure(lambda *t: ops.concatenate(t, axis=0), *structures)
+    return keras.tree.map_structure(
+        lambda *t: ops.concatenate(t, axis=0), *structures
+    )
 
 
 def all_finite(tensors):
@@ -117,7 +121,9 @@ def select(condition, if_true, if_false):
 
 
 def zeros_for_none(tensors, like):
-    return [ops.zeros_like(w) if t is None else t for t, w in zip(tensors, like)]
+    return [
+        ops.zeros_like(w) if t is None else t for t, w in zip(tensors, like)
+    ]
 
 
 def present(values):

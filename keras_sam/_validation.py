@@ -37,7 +37,9 @@ def check_positive_int(name, value):
     return check_int(name, value, minimum=1)
 
 
-def check_float(name, value, low=None, high=None, low_open=False, high_open=True):
+def check_float(
+    name, value, low=None, high=None, low_open=False, high_open=True
+):
     """`value` as a finite float in the interval given by `low`/`high`.
 
     `low_open`/`high_open` make the bound strict. Booleans and strings are
@@ -60,7 +62,9 @@ def check_float(name, value, low=None, high=None, low_open=False, high_open=True
     if high is not None:
         bad = bad or (value >= high if high_open else value > high)
     if bad:
-        raise ValueError(f"`{name}` must be {wanted}. Received: {name}={value!r}")
+        raise ValueError(
+            f"`{name}` must be {wanted}. Received: {name}={value!r}"
+        )
     return float(value)
 
 
@@ -72,7 +76,9 @@ def check_rho(value, name="rho"):
 def check_bool(name, value):
     """`value` must be `True` or `False`."""
     if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False. Received: {name}={value!r}")
+        raise TypeError(
+            f"`{name}` must be True or False. Received: {name}={value!r}"
+        )
     return value
 
 
@@ -89,6 +95,7 @@ def check_choice(name, value, choices):
     """`value` must be one of `choices` (compared with `==`)."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(
-            f"`{name}` must be one of {list(choices)}. " f"Received: {name}={value!r}"
+            f"`{name}` must be one of {list(choices)}. "
+            f"Received: {name}={value!r}"
         )
     return value

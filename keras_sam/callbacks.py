@@ -126,7 +126,9 @@ class SharpnessMonitor(keras.callbacks.Callback):
         seed=0,
     ):
         super().__init__()
-        self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
+        self.every_n_epochs = check_positive_int(
+            "every_n_epochs", every_n_epochs
+        )
         check_choice("method", method, METHODS)
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_float("tol", tol, low=0.0, low_open=True)

@@ -115,7 +115,9 @@ class LearnedRadius:
         batch_size=32,
         seed=None,
     ):
-        self._configure(initial, learning_rate, update_every, bounds, batch_size, seed)
+        self._configure(
+            initial, learning_rate, update_every, bounds, batch_size, seed
+        )
         self.set_validation_data(validation_data)
 
     def _configure(
@@ -127,7 +129,8 @@ class LearnedRadius:
         self.batch_size = check_positive_int("batch_size", batch_size)
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
             raise ValueError(
-                "`bounds` must be a pair `(min, max)`. " f"Received: bounds={bounds!r}"
+                "`bounds` must be a pair `(min, max)`. "
+                f"Received: bounds={bounds!r}"
             )
         low = check_float("bounds[0]", bounds[0], 0.0, low_open=True)
         high = check_float("bounds[1]", bounds[1], 0.0, low_open=True)
@@ -241,7 +244,9 @@ class LearnedRadius:
         update = ops.floor_divide(
             ops.cast(optimizer.iterations, "int32"), self.update_every
         )
-        start = ops.mod(ops.multiply(ops.mod(update, n), self.batch_size % n), n)
+        start = ops.mod(
+            ops.multiply(ops.mod(update, n), self.batch_size % n), n
+        )
         index = ops.mod(ops.add(start, ops.arange(self.batch_size)), n)
         return [
             keras.tree.map_structure(
@@ -257,12 +262,16 @@ class LearnedRadius:
             self.fresh.assign(ops.zeros(()))
             return
         val_loss, val_grads = auxiliary[0]
-        gap = ops.subtract(ops.cast(val_loss, "float32"), ops.cast(loss, "float32"))
+        gap = ops.subtract(
+            ops.cast(val_loss, "float32"), ops.cast(loss, "float32")
+        )
         # (grad L_val - grad L_train) . dw/drho, global over all variables.
         dots = [
             ops.sum(
                 ops.multiply(
-                    ops.subtract(ops.cast(gv, "float32"), ops.cast(g, "float32")),
+                    ops.subtract(
+                        ops.cast(gv, "float32"), ops.cast(g, "float32")
+                    ),
                     ops.cast(dw, "float32"),
                 )
             )

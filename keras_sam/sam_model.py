@@ -94,7 +94,9 @@ class SAMModel(keras.Model):
                 )
             # A symbolic call builds it as its first call would (with its
             # own `build` where it has one).
-            self.model(keras.tree.map_shape_structure(keras.KerasTensor, input_shape))
+            self.model(
+                keras.tree.map_shape_structure(keras.KerasTensor, input_shape)
+            )
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
@@ -131,7 +133,9 @@ class SAMModel(keras.Model):
         gets the loss given to `SAMModel.compile` plus that term.
         """
         if not _overrides(self.model, "compute_loss"):
-            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+            return super().compute_loss(
+                x, y, y_pred, sample_weight, training=training
+            )
         kwargs = {}
         if "training" in inspect.signature(self.model.compute_loss).parameters:
             kwargs["training"] = training

@@ -108,7 +108,10 @@ def sharpness_aware_step(model, state, data):
             hooks.run(opt, lambda: sam.perturbed_values(g_j, variables, w))[0]
             for g_j in g_parts
         ]
-        w_adv = [[a if a is not None else w_i for a, w_i in zip(wj, w)] for wj in w_adv]
+        w_adv = [
+            [a if a is not None else w_i for a, w_i in zip(wj, w)]
+            for wj in w_adv
+        ]
         adv = passes.run(
             model, state.replace(optimizer=opt), batches, w_adv, replay=clean
         )
@@ -157,7 +160,9 @@ def sharpness_aware_step(model, state, data):
     if sam_optimizers.has_loss_scaling(optimizer):
         # Every replica skips when one does (Keras' LossScaleOptimizer
         # checks the first replica's gradients only).
-        g_use = passes.poison(backend.all_replicas(parts.all_finite(g_use)), g_use)
+        g_use = passes.poison(
+            backend.all_replicas(parts.all_finite(g_use)), g_use
+        )
     new_state = StepState(w, clean.non_trainable, opt, clean.metrics)
     # Every replica skips the update when one does.
     return g_use, new_state, loss, clean.y_pred, backend.all_replicas(update)
@@ -185,7 +190,9 @@ def _stateful_train_step(model, data):
         backend.read(model.metrics_variables),
     )
     with sam.sharpness_aware_step():
-        grads, new, loss, y_pred, update = sharpness_aware_step(model, state, data)
+        grads, new, loss, y_pred, update = sharpness_aware_step(
+            model, state, data
+        )
         logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
         logs.update(_log_values(model, new.optimizer))
         # The commit: nothing was assigned before this point.
@@ -201,7 +208,9 @@ def _stateful_train_step(model, data):
                     if id(v) in own
                 ],
             )
-            backend.apply_if(update, optimizer.apply, grads, model.trainable_variables)
+            backend.apply_if(
+                update, optimizer.apply, grads, model.trainable_variables
+            )
     return logs
 
 
@@ -220,7 +229,9 @@ def _stateless_train_step(model, state, data):
     with sam.sharpness_aware_step():
         grads, new, loss, y_pred, update = _each_replica(model, state, data)
 
-        w, opt = model.optimizer.stateless_apply(new.optimizer, grads, new.trainable)
+        w, opt = model.optimizer.stateless_apply(
+            new.optimizer, grads, new.trainable
+        )
         if update is not True:
             # A skipped update keeps the old values: selected elementwise,
             # which XLA fuses into the update itself (a conditional around
@@ -251,7 +262,9 @@ def _each_replica(model, state, data):
         optimizer = parts.changed(new.optimizer, state.optimizer)
         metrics = [
             None if m is None else ops.subtract(m, old)
-            for m, old in zip(parts.changed(new.metrics, state.metrics), state.metrics)
+            for m, old in zip(
+                parts.changed(new.metrics, state.metrics), state.metrics
+            )
         ]
         flag = ops.convert_to_tensor(update)
         return (grads, non_trainable, optimizer, loss, flag), metrics, y_pred

@@ -99,7 +99,8 @@ def _step_memory(name, width):
         + stats.temp_size_in_bytes
     )
     weights = sum(
-        v.value.addressable_shards[0].data.nbytes for v in model.trainable_variables
+        v.value.addressable_shards[0].data.nbytes
+        for v in model.trainable_variables
     )
     return int(total), int(weights)
 
@@ -125,7 +126,9 @@ def main():
         }
         rsam_kernel = np.asarray(weights[0])
         out["cases"][name]["kernel_norm"] = float(np.linalg.norm(rsam_kernel))
-        out["cases"][name]["initial_kernel_norm"] = float(np.linalg.norm(initial[0]))
+        out["cases"][name]["initial_kernel_norm"] = float(
+            np.linalg.norm(initial[0])
+        )
     for name in ("plain", "sam"):
         out["memory"][name] = _step_memory(name, 512)
     print("RESULT " + json.dumps(out))

@@ -49,7 +49,9 @@ def _local_half(x, y):
     half = GLOBAL_BATCH // 2
     index = np.concatenate(
         [
-            np.arange(start + PROCESS_ID * half, start + (PROCESS_ID + 1) * half)
+            np.arange(
+                start + PROCESS_ID * half, start + (PROCESS_ID + 1) * half
+            )
             for start in range(0, len(x), GLOBAL_BATCH)
         ]
     )

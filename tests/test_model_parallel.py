@@ -39,7 +39,9 @@ def result():
         timeout=600,
     )
     lines = [
-        line for line in completed.stdout.splitlines() if line.startswith("RESULT ")
+        line
+        for line in completed.stdout.splitlines()
+        if line.startswith("RESULT ")
     ]
     assert completed.returncode == 0 and lines, completed.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :])
@@ -61,7 +63,9 @@ def test_sharded_weights_equal_one_device(result, name):
 
 def test_rsam_sharded_kernel_stays_on_its_sphere(result):
     case = result["cases"]["rsam"]
-    assert case["kernel_norm"] == pytest.approx(case["initial_kernel_norm"], rel=1e-5)
+    assert case["kernel_norm"] == pytest.approx(
+        case["initial_kernel_norm"], rel=1e-5
+    )
 
 
 def test_extra_memory_per_device_is_one_shard(result):

@@ -24,7 +24,9 @@ from tests.conftest import BACKEND
 TOLERANCE = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(BACKEND != "jax", reason="jax.distributed: JAX backend")
+pytestmark = pytest.mark.skipif(
+    BACKEND != "jax", reason="jax.distributed: JAX backend"
+)
 
 
 def _free_port():
@@ -60,7 +62,9 @@ def results():
                 worker.communicate()
     out = []
     for worker, (stdout, stderr) in zip(workers, outputs):
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        lines = [
+            line for line in stdout.splitlines() if line.startswith("RESULT ")
+        ]
         assert worker.returncode == 0 and lines, stderr[-3000:]
         result = json.loads(lines[-1][len("RESULT ") :])
         result["cases"] = {

@@ -126,7 +126,9 @@ def hvp(fn, values, vectors, *args):
     along `v`, one forward-mode sweep through the gradient computation.
     """
     values = list(values)
-    vectors = [jax.numpy.asarray(v, dtype=w.dtype) for v, w in zip(vectors, values)]
+    vectors = [
+        jax.numpy.asarray(v, dtype=w.dtype) for v, w in zip(vectors, values)
+    ]
     grad_fn = jax.grad(lambda w: fn(w, *args))
     _, hv = jax.jvp(grad_fn, (values,), (vectors,))
     return hv

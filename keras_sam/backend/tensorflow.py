@@ -51,7 +51,9 @@ def all_replicas(flag):
         return flag
 
     def every(strategy, flag):
-        return tf.reduce_all(tf.stack(strategy.experimental_local_results(flag)))
+        return tf.reduce_all(
+            tf.stack(strategy.experimental_local_results(flag))
+        )
 
     return context.merge_call(every, args=(flag,))
 
@@ -76,7 +78,9 @@ def apply_if(flag, apply, grads, variables):
 
     def cross_replica(strategy, flag, grads, variables):
         def run():
-            strategy.extended.call_for_each_replica(apply, args=(grads, variables))
+            strategy.extended.call_for_each_replica(
+                apply, args=(grads, variables)
+            )
 
         flag = strategy.experimental_local_results(flag)[0]
         tf.cond(flag, run, lambda: None)
@@ -111,7 +115,10 @@ def hvp(fn, values, vectors, *args):
         outer.watch(values)
         _, grads = value_and_grad(fn, values, *args)
         g_dot_v = tf.add_n(
-            [tf.reduce_sum(g * tf.cast(v, g.dtype)) for g, v in zip(grads, vectors)]
+            [
+                tf.reduce_sum(g * tf.cast(v, g.dtype))
+                for g, v in zip(grads, vectors)
+            ]
         )
     return _zeros_for_none(outer.gradient(g_dot_v, values), values)
 
@@ -130,5 +137,6 @@ def compile_function(fn, jit_compile=False):
 def on_accelerator():
     """Whether TensorFlow places computations on a GPU or TPU."""
     return bool(
-        tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
+        tf.config.list_logical_devices("GPU")
+        or tf.config.list_logical_devices("TPU")
     )

@@ -70,7 +70,8 @@ no_grad = torch.no_grad
 
 def _zeros_for_none(tensors, like):
     return [
-        torch.zeros_like(w) if t is None else t.detach() for t, w in zip(tensors, like)
+        torch.zeros_like(w) if t is None else t.detach()
+        for t, w in zip(tensors, like)
     ]
 
 
@@ -89,9 +90,13 @@ def hvp(fn, values, vectors, *args):
     with torch.enable_grad():
         values = _leaves(values)
         loss = fn(values, *args)
-        grads = torch.autograd.grad(loss, values, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            loss, values, create_graph=True, allow_unused=True
+        )
         terms = [
-            torch.vdot(g.reshape(-1), torch.as_tensor(v, dtype=g.dtype).reshape(-1))
+            torch.vdot(
+                g.reshape(-1), torch.as_tensor(v, dtype=g.dtype).reshape(-1)
+            )
             for g, v in zip(grads, vectors)
             if g is not None and g.requires_grad
         ]

@@ -25,7 +25,9 @@ class Manifold:
     name = None
 
     def __init__(self, tolerance=1e-4):
-        self.tolerance = check_float("tolerance", tolerance, low=0.0, low_open=True)
+        self.tolerance = check_float(
+            "tolerance", tolerance, low=0.0, low_open=True
+        )
 
     def project(self, point, vector):
         """Projects `vector` onto the tangent space at `point`."""
@@ -55,7 +57,9 @@ class Manifold:
                 variable's path.
         """
         self.check_shape(tuple(point.shape), name)
-        err = float(ops.convert_to_numpy(self.error(ops.cast(point, "float32"))))
+        err = float(
+            ops.convert_to_numpy(self.error(ops.cast(point, "float32")))
+        )
         if not err <= self.tolerance:
             raise ValueError(
                 f"Variable '{name}' is not on the manifold {self!r}: its "
@@ -74,7 +78,9 @@ class Manifold:
         return cls(**config)
 
     def __eq__(self, other):
-        return type(self) is type(other) and (self.get_config() == other.get_config())
+        return type(self) is type(other) and (
+            self.get_config() == other.get_config()
+        )
 
     def __hash__(self):
         return hash((type(self).__name__, repr(sorted(self.get_config()))))
@@ -183,7 +189,9 @@ class Sphere(Manifold):
         return ops.sqrt(ops.sum(ops.square(x), axis=self.axis, keepdims=True))
 
     def project(self, point, vector):
-        dot = ops.sum(ops.multiply(point, vector), axis=self.axis, keepdims=True)
+        dot = ops.sum(
+            ops.multiply(point, vector), axis=self.axis, keepdims=True
+        )
         sq = ops.sum(ops.square(point), axis=self.axis, keepdims=True)
         return ops.subtract(
             vector, ops.multiply(ops.divide(dot, ops.maximum(sq, _TINY)), point)

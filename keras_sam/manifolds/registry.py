@@ -17,7 +17,9 @@ def serialize(manifold):
 
 def deserialize(config, custom_objects=None):
     """Rebuilds a manifold from `serialize`'s output."""
-    return keras.saving.deserialize_keras_object(config, custom_objects=custom_objects)
+    return keras.saving.deserialize_keras_object(
+        config, custom_objects=custom_objects
+    )
 
 
 def get(identifier):

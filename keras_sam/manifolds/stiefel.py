@@ -91,7 +91,9 @@ class Stiefel(Manifold):
         v = self._as_matrix(vector)
         utv = ops.matmul(ops.transpose(u), v)
         sym = ops.multiply(ops.add(utv, ops.transpose(utv)), 0.5)
-        return ops.reshape(ops.subtract(v, ops.matmul(u, sym)), ops.shape(vector))
+        return ops.reshape(
+            ops.subtract(v, ops.matmul(u, sym)), ops.shape(vector)
+        )
 
     def restore(self, point):
         a = self._as_matrix(point)

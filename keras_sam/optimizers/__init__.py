@@ -32,7 +32,9 @@ def serialize(optimizer):
 
 def deserialize(config, custom_objects=None):
     """Rebuilds a sharpness-aware optimizer from `serialize`'s output."""
-    return keras.saving.deserialize_keras_object(config, custom_objects=custom_objects)
+    return keras.saving.deserialize_keras_object(
+        config, custom_objects=custom_objects
+    )
 
 
 def get(identifier, optimizer="sgd", **kwargs):

@@ -55,5 +55,6 @@ def unscale_gradients(optimizer, grads):
     if scale is None:
         return list(grads)
     return [
-        None if g is None else ops.divide(g, ops.cast(scale, g.dtype)) for g in grads
+        None if g is None else ops.divide(g, ops.cast(scale, g.dtype))
+        for g in grads
     ]

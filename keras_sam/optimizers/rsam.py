@@ -138,7 +138,8 @@ class RSAM(SAM):
         self._manifolds = manifolds
         if self.metric == "fisher":
             self._fisher = [
-                self.add_variable_from_reference(v, name="fisher") for v in var_list
+                self.add_variable_from_reference(v, name="fisher")
+                for v in var_list
             ]
 
     def manifold_of(self, variable):
@@ -209,8 +210,12 @@ class RSAM(SAM):
                 return None, None
             t2 = ops.square(ops.add(ops.abs(value), self.eta))
             return t2, ops.reciprocal(t2)
-        f = ops.cast(self._fisher[self._get_variable_index(variable)], "float32")
-        weight = ops.maximum(ops.cast(self.fisher_weight, "float32"), _FISHER_TINY)
+        f = ops.cast(
+            self._fisher[self._get_variable_index(variable)], "float32"
+        )
+        weight = ops.maximum(
+            ops.cast(self.fisher_weight, "float32"), _FISHER_TINY
+        )
         d = ops.add(ops.divide(f, weight), self.damping)
         return ops.reciprocal(d), d
 

@@ -286,7 +286,9 @@ class SAM(keras.optimizers.Optimizer):
         if not squares:
             return xis
         norm = ops.sqrt(ops.sum(ops.stack(squares)))
-        scale = ops.divide(ops.cast(self.rho, "float32"), ops.add(norm, _NORM_EPSILON))
+        scale = ops.divide(
+            ops.cast(self.rho, "float32"), ops.add(norm, _NORM_EPSILON)
+        )
         return [
             None if xi is None else ops.cast(ops.multiply(xi, scale), w.dtype)
             for xi, w in zip(xis, values)
@@ -387,7 +389,9 @@ class SAM(keras.optimizers.Optimizer):
     def get_config(self):
         return {
             "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
             "rho": (
                 self.initial_rho
                 if self.radius is None

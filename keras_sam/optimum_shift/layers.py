@@ -173,7 +173,9 @@ def ordered_layers(model, x):
     finally:
         for hook in hooks:
             hook.__exit__()
-    called = sorted((l for l in leaves if id(l) in order), key=lambda l: order[id(l)])
+    called = sorted(
+        (l for l in leaves if id(l) in order), key=lambda l: order[id(l)]
+    )
     return called + [l for l in leaves if id(l) not in order]
 
 
@@ -215,7 +217,9 @@ def plan_layers(candidates, layers, max_dim):
         if reason is None:
             plan.append(LinearView(layer))
         else:
-            plan.append(LayerShift(layer.name, type(layer).__name__, "skipped", reason))
+            plan.append(
+                LayerShift(layer.name, type(layer).__name__, "skipped", reason)
+            )
     return plan
 
 

@@ -160,7 +160,8 @@ class ShiftReport:
                 norms = "-"
             else:
                 norms = (
-                    f"{_fmt(r.kernel_norm_before)} -> " f"{_fmt(r.kernel_norm_after)}"
+                    f"{_fmt(r.kernel_norm_before)} -> "
+                    f"{_fmt(r.kernel_norm_after)}"
                 )
             status = r.status if r.reason is None else f"{r.status}: {r.reason}"
             lines.append(
@@ -175,7 +176,9 @@ class ShiftReport:
             f"{_fmt(self.output_max_rel_change, 'e')})"
         )
         if self.loss_before is not None:
-            lines.append(f"loss: {self.loss_before:.6g} -> {self.loss_after:.6g}")
+            lines.append(
+                f"loss: {self.loss_before:.6g} -> {self.loss_after:.6g}"
+            )
         return "\n".join(lines)
 
 

@@ -222,7 +222,8 @@ def _check_inputs(model, x):
         return
     received = [tuple(np.shape(a)) for a in keras.tree.flatten(x)]
     ok = len(received) == len(expected) and all(
-        len(r) == len(e) and all(ed is None or ed == rd for ed, rd in zip(e[1:], r[1:]))
+        len(r) == len(e)
+        and all(ed is None or ed == rd for ed, rd in zip(e[1:], r[1:]))
         for r, e in zip(received, expected)
     )
     if not ok:
@@ -278,7 +279,9 @@ def _shift_one(view, moments, rtol, minimize):
             "`data`; optimum shifting needs finite activations. Received "
             f"input mean {moments.mean}"
         )
-    new_kernel, new_bias, rank, dim = project(kernel, bias, moments, rtol, minimize)
+    new_kernel, new_bias, rank, dim = project(
+        kernel, bias, moments, rtol, minimize
+    )
     view.row = LayerShift(
         layer.name,
         type(layer).__name__,
@@ -290,7 +293,9 @@ def _shift_one(view, moments, rtol, minimize):
     )
     if rank == dim:
         view.row.status = "unchanged"
-        view.row.reason = f"inputs span the whole space (rank {rank} = dim {dim})"
+        view.row.reason = (
+            f"inputs span the whole space (rank {rank} = dim {dim})"
+        )
         view.row.kernel_norm_after = norm_before
         view.row.max_abs_change = view.row.max_rel_change = 0.0
         return False
@@ -348,7 +353,9 @@ def _finish(model, views, snapshot, batches, loss, tolerance):
         y_old = forward(model, x)
         for view in views:
             view.write(*shifted[id(view)])
-        for old, new in zip(keras.tree.flatten(y_old), keras.tree.flatten(y_new)):
+        for old, new in zip(
+            keras.tree.flatten(y_old), keras.tree.flatten(y_new)
+        ):
             old = keras.ops.convert_to_numpy(old).astype(np.float64)
             new = keras.ops.convert_to_numpy(new).astype(np.float64)
             max_abs = max(max_abs, float(np.max(np.abs(new - old))))

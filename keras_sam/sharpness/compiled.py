@@ -71,9 +71,9 @@ def _loss_key(loss_fn):
     """A built-in Keras loss object by its class and config, so that equal
     losses share their compiled functions; anything else by identity (a
     subclass's config may leave out what its `call` reads)."""
-    if isinstance(loss_fn, keras.losses.Loss) and type(loss_fn).__module__.startswith(
-        "keras."
-    ):
+    if isinstance(loss_fn, keras.losses.Loss) and type(
+        loss_fn
+    ).__module__.startswith("keras."):
         try:
             config = keras.saving.serialize_keras_object(loss_fn)
             return (type(loss_fn), repr(config))
@@ -168,7 +168,9 @@ class BatchFunctions:
             flat_hvp = self._flat_hvp_python
 
             def fused(values, flat, state_values, x, y, sample_weight, *extra):
-                hv = flat_hvp(values, flat, None, state_values, x, y, sample_weight)
+                hv = flat_hvp(
+                    values, flat, None, state_values, x, y, sample_weight
+                )
                 return step(hv, flat, *extra)
 
             self._fused[step] = backend.compile_function(fused)
@@ -180,7 +182,9 @@ class BatchFunctions:
 
             def steps(values, q, state_values, x, y, sample_weight, *carry):
                 def matvec(v):
-                    return flat_hvp(values, v, None, state_values, x, y, sample_weight)
+                    return flat_hvp(
+                        values, v, None, state_values, x, y, sample_weight
+                    )
 
                 return lanczos_steps(matvec, k, q, *carry)
 

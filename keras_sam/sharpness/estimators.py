@@ -78,7 +78,9 @@ def top_eigenvalue(
           Hessian, 2020.
     """
     hessian = Hessian(model, data, loss, training, batch_size, steps)
-    return hessian.top_eigenvalue(method=method, max_iter=max_iter, tol=tol, seed=seed)
+    return hessian.top_eigenvalue(
+        method=method, max_iter=max_iter, tol=tol, seed=seed
+    )
 
 
 def hessian_trace(

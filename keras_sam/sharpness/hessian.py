@@ -182,7 +182,9 @@ class Hessian:
         self.num_hvps += 1
         result = None
         for weight, (_, x, y, sample_weight) in zip(self.weights, self.batches):
-            hv = self._functions.hvp(values, vectors, states, x, y, sample_weight)
+            hv = self._functions.hvp(
+                values, vectors, states, x, y, sample_weight
+            )
             if weight != 1.0:
                 hv = [ops.multiply(h, weight) for h in hv]
             result = hv if result is None else list(map(ops.add, result, hv))
@@ -320,7 +322,9 @@ class Hessian:
         start = self._start_vector(seed)
         if method == "lanczos":
             iterate = self._lanczos_operator()
-            theta, flat = lanczos(iterate, start, max_iter, tol, return_eigenvector)
+            theta, flat = lanczos(
+                iterate, start, max_iter, tol, return_eigenvector
+            )
         else:
             iterate = self._flat_operator(power_step)
             theta, flat = power_iteration(iterate, start, max_iter, tol)
@@ -385,7 +389,9 @@ class Hessian:
         values = self._values()
         loss, grads = self.loss_and_gradient(values)
         if optimizer is not None:
-            adversarial = optimizer.perturbed_values(grads, self.variables, values)
+            adversarial = optimizer.perturbed_values(
+                grads, self.variables, values
+            )
         else:
             # Ascend to w + eps, eps = rho g / ||g||.
             norm = l2_norm(flatten(grads))

@@ -118,7 +118,9 @@ def _reorthogonalize(blocks, q):
     for _ in range(2):
         for rows in blocks:
             coefficients = ops.matmul(rows, ops.expand_dims(q, 1))  # (m, 1)
-            q = ops.subtract(q, ops.matmul(ops.transpose(coefficients), rows)[0])
+            q = ops.subtract(
+                q, ops.matmul(ops.transpose(coefficients), rows)[0]
+            )
         previous, norm = norm, l2_norm(q)
         if norm > 0.7 * previous:  # little was cancelled: once is enough
             break
@@ -165,7 +167,9 @@ def lanczos(iterate, start, max_iter, tol, return_vector=False):
                 return math.nan, ops.full_like(q, math.nan)
             alphas.append(alpha)
             norm = max(norm, abs(alpha) + beta + (betas[-1] if betas else 0.0))
-            tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+            tridiagonal = (
+                np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+            )
             eigenvalues, eigenvectors = np.linalg.eigh(tridiagonal)
             theta, ritz = float(eigenvalues[-1]), eigenvectors[:, -1]
             # r = ||H y - theta y|| for the Ritz vector y = Q_k s bounds the

@@ -64,7 +64,8 @@ def _check_range(value, name):
         not isinstance(value, (list, tuple))
         or len(value) != 2
         or not all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
+            isinstance(v, numbers.Real) and not isinstance(v, bool)
+            for v in value
         )
     ):
         raise TypeError(
@@ -259,7 +260,9 @@ class SAMHyperModel(keras_tuner.HyperModel):
 
     def declare_rho(self, hp):
         """Registers `variant` and `rho_<variant>`; returns their values."""
-        variant = hp.Choice(VARIANT, list(self.variants), default=self.variants[0])
+        variant = hp.Choice(
+            VARIANT, list(self.variants), default=self.variants[0]
+        )
         if variant not in self.variants:
             raise keras_tuner.errors.FatalValueError(
                 f"The hyperparameter `variant` must be one of "

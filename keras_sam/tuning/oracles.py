@@ -37,7 +37,9 @@ class _BaselineFirst:
         return dict(response, values=values)
 
 
-class _RandomSearchOracle(_BaselineFirst, keras_tuner.oracles.RandomSearchOracle):
+class _RandomSearchOracle(
+    _BaselineFirst, keras_tuner.oracles.RandomSearchOracle
+):
     pass
 
 
@@ -45,7 +47,9 @@ class _HyperbandOracle(_BaselineFirst, keras_tuner.oracles.HyperbandOracle):
     pass
 
 
-class _BayesianOracle(_BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle):
+class _BayesianOracle(
+    _BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle
+):
     def _propose(self, trial_id):
         # rho = 0 has no place on the log scale of rho (log 0): the
         # Gaussian process is fitted on the other trials only.
@@ -62,7 +66,9 @@ class _HyperbandTuner(keras_tuner.Hyperband):
 
     def __init__(self, oracle, hypermodel, **kwargs):
         # Hyperband's own __init__ only builds a HyperbandOracle.
-        keras_tuner.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
+        keras_tuner.Tuner.__init__(
+            self, oracle=oracle, hypermodel=hypermodel, **kwargs
+        )
 
 
 # The kinds of `make_tuner` (and `search_rho(tuner=...)`).
