@@ -42,6 +42,7 @@ conditional stateful update) come from `keras_sam.backend`.
 import keras
 from keras import ops
 
+from keras_sam import _parallel_step
 from keras_sam import _passes as passes
 from keras_sam import _step_parts as parts
 from keras_sam._passes import StepState
@@ -190,9 +191,7 @@ def _stateful_train_step(model, data):
         backend.read(model.metrics_variables),
     )
     with sam.sharpness_aware_step():
-        grads, new, loss, y_pred, update = sharpness_aware_step(
-            model, state, data
-        )
+        grads, new, loss, y_pred, update = _step_of(sam)(model, state, data)
         logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
         logs.update(_log_values(model, new.optimizer))
         # The commit: nothing was assigned before this point.
@@ -227,7 +226,10 @@ def _stateless_train_step(model, state, data):
         )
     state = StepState(*(list(values) for values in state))
     with sam.sharpness_aware_step():
-        grads, new, loss, y_pred, update = _each_replica(model, state, data)
+        step = (
+            _parallel_step.sampa_step if sam.parallel_passes else _each_replica
+        )
+        grads, new, loss, y_pred, update = step(model, state, data)
 
         w, opt = model.optimizer.stateless_apply(
             new.optimizer, grads, new.trainable
@@ -241,6 +243,13 @@ def _stateless_train_step(model, state, data):
     logs, metrics = _metrics(model, new.metrics, loss, data, y_pred)
     logs.update(_log_values(model, opt))
     return logs, (w, new.non_trainable, opt, metrics)
+
+
+def _step_of(sam):
+    """The step for `sam`: SAMPa's own, or the two-pass step."""
+    if sam.parallel_passes:
+        return _parallel_step.sampa_step
+    return sharpness_aware_step
 
 
 def _each_replica(model, state, data):

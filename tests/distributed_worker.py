@@ -40,6 +40,8 @@ CASES = {
     "sync": ("sam", {"sync_perturbation": True}),
     "splits": ("sam", {"num_batch_splits": 2}),
     "asam_per_replica": ("asam", {}),
+    # JAX: the two gradients at once, one device each.
+    "sampa": ("sampa", {}),
 }
 
 
@@ -61,6 +63,8 @@ def _train(variant, kwargs, x, y, loss_scale=False):
         inner = keras.optimizers.SGD(0.1, momentum=0.9)
         if variant == "sam":
             optimizer = keras_sam.optimizers.SAM(inner, rho=0.1, **kwargs)
+        elif variant == "sampa":
+            optimizer = keras_sam.optimizers.SAMPa(inner, rho=0.1, lam=0.2)
         else:
             optimizer = keras_sam.optimizers.ASAM(inner, rho=0.5, **kwargs)
         if loss_scale:

@@ -520,3 +520,25 @@ def train_rsam(
             for w, ga, m in zip(params, g_adv, manifolds)
         ]
     return params
+
+
+# ---------------------------------------------------------------------------
+# SAMPa (Xie, Pethick, Cevher, NeurIPS 2024), from the paper's equations:
+#   w_adv = w_t + rho g_y / ||g_y||,  y_t+1 = inner step from w_t with g_y,
+#   w_t+1 = inner step from w_t with (1 - lam) grad(w_adv) + lam grad(y_t+1),
+#   g_y = grad(y_t+1); g_y = 0 before the first step.
+
+
+def train_sampa(params, batches, loss_and_grads, rho, lam, lr, momentum=0.0):
+    params = [np.array(p, dtype=np.float64) for p in params]
+    velocity = [np.zeros_like(p) for p in params]
+    g_y = [np.zeros_like(p) for p in params]
+    for x, y in batches:
+        w_adv = [w + e for w, e in zip(params, sam_eps(g_y, rho))]
+        # The auxiliary point: the inner step with g_y, its state discarded.
+        y_next, _ = sgd_step(params, g_y, velocity, lr, momentum)
+        _, g_adv = loss_and_grads(w_adv, x, y)
+        _, g_y = loss_and_grads(y_next, x, y)
+        g = [(1 - lam) * a + lam * b for a, b in zip(g_adv, g_y)]
+        params, velocity = sgd_step(params, g, velocity, lr, momentum)
+    return params

@@ -96,6 +96,23 @@ def test_asam_per_replica(result):
     assert sam_setup.max_difference(got, _expected(2, "asam")) < TOLERANCE
 
 
+def test_sampa_matches_single_device(result):
+    """SAMPa's two gradients (at once on two devices with JAX, per replica
+    with TensorFlow) give the one-device SAMPa trajectory."""
+    x, y = sam_setup.data(16)
+    expected = reference.train_sampa(
+        sam_setup.initial_params(),
+        sam_setup.batches(x, y, 8, epochs=2),
+        reference.mlp_loss_and_grads,
+        rho=0.1,
+        lam=0.2,
+        lr=0.1,
+        momentum=0.9,
+    )
+    got = result["cases"]["sampa"]
+    assert sam_setup.max_difference(got, expected) < TOLERANCE
+
+
 def test_sync_perturbation_matches_single_device(result):
     got = result["cases"]["sync"]
     assert sam_setup.max_difference(got, _expected(1)) < TOLERANCE

@@ -34,6 +34,7 @@ all_reduce = _impl.all_reduce
 all_replicas = _impl.all_replicas
 in_replica = _impl.in_replica
 per_replica = _impl.per_replica
+in_parallel = _impl.in_parallel
 unscale_loss_for_distribution = _impl.unscale_loss_for_distribution
 random_state = _impl.random_state
 set_random_state = _impl.set_random_state

@@ -25,6 +25,15 @@ def per_replica(fn, state, data):
     return fn(state, data)
 
 
+def in_parallel(fn, shared, first, second, data, between=None):
+    """`(fn(shared, first, data), fn(shared, second, data))`, in turn;
+    `between()` runs between the two calls."""
+    out_first = fn(shared, first, data)
+    if between is not None:
+        between()
+    return out_first, fn(shared, second, data)
+
+
 def unscale_loss_for_distribution(loss):
     """The loss is the batch's already."""
     return loss

@@ -57,19 +57,10 @@ def per_replica(fn, state, data):
     Each replica's two passes stay on its own device; only what `fn`
     reduces crosses devices.
     """
-    distribution = keras.distribution.distribution()
-    if (
-        _REPLICA_AXES
-        or not isinstance(distribution, keras.distribution.DataParallel)
-        or distribution.batch_dim_name is None
-    ):
-        return fn(state, data)
-    mesh = distribution.device_mesh.backend_mesh
-    axis = distribution.batch_dim_name
-    count = int(mesh.shape[axis])
-    sizes = {int(np.shape(t)[0]) for t in jax.tree.leaves(data) if np.ndim(t)}
-    if count == 1 or any(size % count for size in sizes):
+    found = _data_parallel(data, groups=1)
+    if found is None:
         return fn(state, data)  # one program: XLA splits what it can
+    mesh, axis = found
     replicated = jax.sharding.PartitionSpec()
     split = jax.sharding.PartitionSpec(axis)
 
@@ -79,15 +70,7 @@ def per_replica(fn, state, data):
             means, sums, batched = fn(state, data)
         finally:
             _REPLICA_AXES.pop()
-
-        def mean(t):
-            if jax.numpy.issubdtype(t.dtype, jax.numpy.inexact):
-                return jax.lax.pmean(t, axis)
-            return t
-
-        means = jax.tree.map(mean, means)
-        sums = jax.tree.map(lambda t: jax.lax.psum(t, axis), sums)
-        return means, sums, batched
+        return (*_reduce(axis, means, sums), batched)
 
     mapped = jax.shard_map(
         local,
@@ -97,6 +80,84 @@ def per_replica(fn, state, data):
         check_vma=False,
     )
     return mapped(state, data)
+
+
+def _data_parallel(data, groups):
+    """`(mesh, batch axis)` of a `keras.distribution.DataParallel` whose
+    devices split into `groups` equal groups, each able to split `data`
+    evenly; `None` otherwise (or inside a `per_replica` region)."""
+    distribution = keras.distribution.distribution()
+    if (
+        _REPLICA_AXES
+        or not isinstance(distribution, keras.distribution.DataParallel)
+        or distribution.batch_dim_name is None
+    ):
+        return None
+    mesh = distribution.device_mesh.backend_mesh
+    axis = distribution.batch_dim_name
+    count = int(mesh.shape[axis])
+    if count < 2 or count % groups:
+        return None
+    sizes = {int(np.shape(t)[0]) for t in jax.tree.leaves(data) if np.ndim(t)}
+    if any(size % (count // groups) for size in sizes):
+        return None
+    return mesh, axis
+
+
+def _reduce(axis, means, sums):
+    """Floating `means` averaged over `axis` (others kept), `sums` summed."""
+
+    def mean(t):
+        if jax.numpy.issubdtype(t.dtype, jax.numpy.inexact):
+            return jax.lax.pmean(t, axis)
+        return t
+
+    means = jax.tree.map(mean, means)
+    return means, jax.tree.map(lambda t: jax.lax.psum(t, axis), sums)
+
+
+def in_parallel(fn, shared, first, second, data, between=None):
+    """`(fn(shared, first, data), fn(shared, second, data))`.
+
+    Under a `keras.distribution.DataParallel` over an even number of
+    devices, the two calls run at the same time: the devices split into two
+    halves (a "pair" mesh axis), each half runs one call data-parallel over
+    the whole batch. `fn` returns `(means, sums, batched)` as in
+    `per_replica`. Elsewhere the calls run in turn (`between()` between).
+    """
+    found = _data_parallel(data, groups=2)
+    if found is None:
+        out_first = fn(shared, first, data)
+        if between is not None:
+            between()
+        return out_first, fn(shared, second, data)
+    mesh, axis = found
+    devices = np.asarray(mesh.devices).reshape(2, -1)
+    pair_mesh = jax.sharding.Mesh(devices, ("pair", axis))
+    stacked = jax.tree.map(lambda a, b: jax.numpy.stack([a, b]), first, second)
+    P = jax.sharding.PartitionSpec
+
+    def local(shared, stacked, data):
+        mine = jax.tree.map(lambda t: t[0], stacked)
+        _REPLICA_AXES.append(axis)
+        try:
+            means, sums, batched = fn(shared, mine, data)
+        finally:
+            _REPLICA_AXES.pop()
+        means, sums = _reduce(axis, means, sums)
+        return jax.tree.map(lambda t: t[None], (means, sums, batched))
+
+    out = jax.shard_map(
+        local,
+        mesh=pair_mesh,
+        in_specs=(P(), P("pair"), P(axis)),
+        out_specs=(P("pair"), P("pair"), P("pair", axis)),
+        check_vma=False,
+    )(shared, stacked, data)
+    return (
+        jax.tree.map(lambda t: t[0], out),
+        jax.tree.map(lambda t: t[1], out),
+    )
 
 
 def read(variables):

@@ -2,7 +2,9 @@
 
 `SAM`, `ASAM` and `RSAM` compute one perturbation and differ only in its
 metric, projection and retraction (see `keras_sam.optimizers.sam`); the
-step that uses them is `keras_sam.step`.
+step that uses them is `keras_sam.step`. `SAMPa` perturbs with the gradient
+of the previous step's auxiliary point, so its two gradients are
+independent (`keras_sam._parallel_step`).
 """
 
 import keras
@@ -13,11 +15,12 @@ from keras_sam.optimizers.chain import has_loss_scaling
 from keras_sam.optimizers.chain import unscale_gradients
 from keras_sam.optimizers.rsam import RSAM
 from keras_sam.optimizers.sam import SAM
+from keras_sam.optimizers.sampa import SAMPa
 from keras_sam.optimizers.sam import find_sam
 from keras_sam.optimizers.sam import get_inner
 from keras_sam.optimizers.sam import is_weight_like
 
-_REGISTRY = {"sam": SAM, "asam": ASAM, "rsam": RSAM}
+_REGISTRY = {"sam": SAM, "asam": ASAM, "rsam": RSAM, "sampa": SAMPa}
 
 
 def register(name, cls):

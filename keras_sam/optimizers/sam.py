@@ -146,6 +146,9 @@ class SAM(keras.optimizers.Optimizer):
           Generalization, ICLR 2021.
     """
 
+    # SAMPa's step (two independent gradients) instead of the two-pass step.
+    parallel_passes = False
+
     def __init__(
         self,
         optimizer="sgd",
