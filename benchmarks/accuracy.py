@@ -169,11 +169,16 @@ def method_table():
         )
         return wrap(net), opt.SAM(sgd, rho=radius)
 
+    def sampa(net, sgd, val):
+        return wrap(net), opt.SAMPa(sgd, rho=0.05, lam=0.2)
+
     methods = {"plain": plain, "sam": sam, "asam": asam}
     if hasattr(opt, "RSAM"):
         methods["rsam"] = rsam
     if hasattr(keras_sam, "LearnedRadius"):
         methods["lets"] = lets
+    if hasattr(opt, "SAMPa"):
+        methods["sampa"] = sampa
     return methods
 
 
