@@ -144,20 +144,67 @@ def in_parallel(fn, shared, first, second, data, between=None):
             means, sums, batched = fn(shared, mine, data)
         finally:
             _REPLICA_AXES.pop()
-        means, sums = _reduce(axis, means, sums)
-        return jax.tree.map(lambda t: t[None], (means, sums, batched))
+        reduced = _reduce(axis, means, sums)
+        # One buffer per dtype: a few large exchanges, not one per leaf.
+        buffers = [b[None] for b in _pack(reduced)[0]]
+        return buffers, jax.tree.map(lambda t: t[None], batched)
 
-    out = jax.shard_map(
+    buffers, batched = jax.shard_map(
         local,
         mesh=pair_mesh,
         in_specs=(P(), P("pair"), P(axis)),
-        out_specs=(P("pair"), P("pair"), P("pair", axis)),
+        out_specs=(P("pair"), P("pair", axis)),
         check_vma=False,
     )(shared, stacked, data)
-    return (
-        jax.tree.map(lambda t: t[0], out),
-        jax.tree.map(lambda t: t[1], out),
+    # The structure of one call's output, traced abstractly (no compute).
+    unpack = _pack_structure(fn, shared, first, data)
+    return tuple(
+        (
+            *unpack([b[i] for b in buffers]),
+            jax.tree.map(lambda t: t[i], batched),
+        )
+        for i in range(2)
     )
+
+
+def _pack(tree):
+    """`(one flat buffer per dtype, treedef)` of a pytree's leaves."""
+    leaves, treedef = jax.tree.flatten(tree)
+    dtypes = sorted({str(t.dtype) for t in leaves})
+    buffers = [
+        jax.numpy.concatenate(
+            [jax.numpy.ravel(t) for t in leaves if str(t.dtype) == dtype]
+        )
+        for dtype in dtypes
+    ]
+    return buffers, treedef
+
+
+def _pack_structure(fn, shared, first, data):
+    """The inverse of `_pack` for `_reduce(fn(...)[:2])`'s structure."""
+    shapes = jax.eval_shape(
+        lambda *args: _one_call(fn, *args), shared, first, data
+    )
+    leaves, treedef = jax.tree.flatten(shapes)
+    dtypes = sorted({str(t.dtype) for t in leaves})
+
+    def unpack(buffers):
+        offsets = dict.fromkeys(dtypes, 0)
+        by_dtype = dict(zip(dtypes, buffers))
+        out = []
+        for t in leaves:
+            dtype, size = str(t.dtype), int(np.prod(t.shape))
+            start = offsets[dtype]
+            out.append(by_dtype[dtype][start : start + size].reshape(t.shape))
+            offsets[dtype] = start + size
+        return jax.tree.unflatten(treedef, out)
+
+    return unpack
+
+
+def _one_call(fn, shared, first, data):
+    means, sums, _ = fn(shared, first, data)
+    return means, sums
 
 
 def read(variables):
