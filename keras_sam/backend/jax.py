@@ -137,8 +137,13 @@ def in_parallel(fn, shared, first, second, data, between=None):
     stacked = jax.tree.map(lambda a, b: jax.numpy.stack([a, b]), first, second)
     P = jax.sharding.PartitionSpec
 
-    def local(shared, stacked, data):
-        mine = jax.tree.map(lambda t: t[0], stacked)
+    def local(shared, first, second, data):
+        # Both points come in replicated (no exchange); each half of the
+        # devices takes its own.
+        is_first = jax.lax.axis_index("pair") == 0
+        mine = jax.tree.map(
+            lambda a, b: jax.numpy.where(is_first, a, b), first, second
+        )
         _REPLICA_AXES.append(axis)
         try:
             means, sums, batched = fn(shared, mine, data)
@@ -152,10 +157,10 @@ def in_parallel(fn, shared, first, second, data, between=None):
     buffers, batched = jax.shard_map(
         local,
         mesh=pair_mesh,
-        in_specs=(P(), P("pair"), P(axis)),
+        in_specs=(P(), P(), P(), P(axis)),
         out_specs=(P("pair"), P("pair", axis)),
         check_vma=False,
-    )(shared, stacked, data)
+    )(shared, first, second, data)
     # The structure of one call's output, traced abstractly (no compute).
     unpack = _pack_structure(fn, shared, first, data)
     return tuple(
