@@ -52,8 +52,12 @@ def load_data(samples, seed):
     return (x_train, y_train), (x_test, y_test)
 
 
-def build_model(width, seed):
-    init = keras.initializers.GlorotUniform(seed=seed)
+def build_model(width, seed, scale=1.0):
+    # Glorot uniform times `scale`: a smaller start keeps GD out of the lazy
+    # regime, where the weights (and their norm) barely move.
+    init = keras.initializers.VarianceScaling(
+        scale * scale, "fan_avg", "uniform", seed=seed
+    )
     return keras.Sequential(
         [
             keras.Input((64,)),
@@ -85,6 +89,9 @@ def main():
         default=4.0,
         help="largest learning rate of the sweep, in units of lr_c",
     )
+    parser.add_argument(
+        "--init-scale", type=float, default=1.0, help="times Glorot uniform"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out-dir", default="out", help="folder of the plot (created)"
@@ -93,7 +100,7 @@ def main():
     start = time.time()
     train, test = load_data(args.samples, args.seed)
     keras.utils.set_random_seed(args.seed)
-    init = build_model(args.width, args.seed)
+    init = build_model(args.width, args.seed, args.init_scale)
     init_weights = init.get_weights()
 
     gf = sharpness.critical_learning_rate(
@@ -117,7 +124,7 @@ def main():
     bar = keras.utils.Progbar(len(ratios), unit_name="learning rate")
     for i, ratio in enumerate(ratios):
         lr = float(ratio * critical)
-        model = build_model(args.width, args.seed)
+        model = build_model(args.width, args.seed, args.init_scale)
         model.set_weights(init_weights)
         run = sharpness.full_batch_gradient_descent(
             model,
@@ -205,6 +212,7 @@ def main():
     axes[2].semilogx(lrs[ok], test_loss[ok], "o-", color="C2")
     labels = ("max |eigenvalue| of the Hessian", "l1 norm", "test MSE")
     for ax, label in zip(axes, labels):
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.axvline(critical, color="gray", lw=0.5)
         ax.set(xlabel="learning rate", ylabel=label)
     axes[0].legend()

@@ -91,13 +91,17 @@ def full_batch_gradient_descent(
             "`model` has no compiled loss and no `loss=` was given. "
             f"Received: model={model.name!r}, loss=None"
         )
+    optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
+    # One compiled call per check: the steps of a small model cost less
+    # than the host's dispatch of each.
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum),
-        loss=loss,
-        # One compiled call per check: the steps of a small model cost less
-        # than the host's dispatch of each.
-        steps_per_execution=check_every,
+        optimizer=optimizer, loss=loss, steps_per_execution=check_every
     )
+    try:
+        model.make_train_function()
+        model.make_test_function()
+    except ValueError:  # a backend that runs one step per call (torch)
+        model.compile(optimizer=optimizer, loss=loss)
     n = len(x)
     # `check_every` copies of the whole set, cut into full batches: one
     # epoch is `check_every` steps of full-batch gradient descent.
