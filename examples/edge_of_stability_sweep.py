@@ -113,6 +113,11 @@ def main():
         check_every=50,
     )
     critical = gf["critical_learning_rate"]
+    if not gf["reached_threshold"]:
+        print(
+            "the gradient-flow proxy did not reach the threshold: raise "
+            "--max-steps; lr_c below may be too large"
+        )
     print(
         f"gradient-flow proxy: lr {gf['learning_rate']:g}, {gf['steps']} "
         f"steps, loss {gf['loss']:.4f}; S_GF = {gf['sharpness']:.3f}, "

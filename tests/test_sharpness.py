@@ -656,6 +656,19 @@ def test_critical_learning_rate_matches_a_float64_small_step_run():
     np.testing.assert_allclose(
         result["critical_learning_rate"], 2 / s_gf, rtol=1e-3
     )
+    far, _ = _scalar_network()
+    far.set_weights([np.array([[0.8]], "float32")] * 2)  # loss 0.35
+    with pytest.warns(RuntimeWarning, match="max_steps"):
+        result = sharpness.critical_learning_rate(
+            far,
+            probe,
+            learning_rate=0.02,
+            max_steps=20,
+            loss_threshold=1e-6,
+            loss=loss,
+            check_every=20,
+        )
+    assert result["reached_threshold"] is False
     # The model itself is not trained.
     for before, after in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(before, after)

@@ -10,6 +10,7 @@ step, `full_batch_gradient_descent` runs the training both need.
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -191,8 +192,10 @@ def critical_learning_rate(
 
     Returns:
         A dict `{"critical_learning_rate", "sharpness", "learning_rate",
-        "steps", "loss"}`: `eta_c`, `S_GF`, the step used, the steps run
-        and the final training loss.
+        "steps", "loss", "reached_threshold"}`: `eta_c`, `S_GF`, the step
+        used, the steps run, the final training loss and whether it got
+        to `loss_threshold` (if not, a `RuntimeWarning` says that `S_GF`
+        was measured before the minimum).
 
     Example:
 
@@ -239,10 +242,21 @@ def critical_learning_rate(
             "rate. Start from a smaller `learning_rate`. Received: "
             f"max_halvings={max_halvings}"
         )
+    if loss_threshold is not None and not run["reached_threshold"]:
+        warnings.warn(
+            f"The small-step run stopped after {run['steps']} steps at loss "
+            f"{run['loss']:.4g}, above loss_threshold={loss_threshold:g}: "
+            "S_GF is measured before the minimum (the sharpness may still "
+            "be rising), so 2 / S_GF can overestimate the critical rate. "
+            "Raise `max_steps`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return {
         "critical_learning_rate": 2.0 / s_gf,
         "sharpness": s_gf,
         "learning_rate": learning_rate,
         "steps": run["steps"],
         "loss": run["loss"],
+        "reached_threshold": run["reached_threshold"],
     }
