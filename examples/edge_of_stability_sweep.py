@@ -1,4 +1,4 @@
-"""Edge of stability on digits: learning rate against sharpness, norm and test loss.
+"""Edge of stability on digits: learning rate vs sharpness, norm, test loss.
 
 Fojtik et al. (arXiv 2505.21423) train networks on an MNIST subset with
 the squared loss by full-batch gradient descent, stopped once the training

@@ -1,4 +1,4 @@
-"""Optimum shifting in the paper's regime: trained to near-zero loss, then shifted.
+"""Optimum shifting as in the paper: trained to near-zero loss, then shifted.
 
 Zhou et al. (AAAI 2025) train a network until its training loss is close
 to zero and then replace the weights of its last linear layer by the
