@@ -5,7 +5,8 @@ target (fewer samples than features, so many weights interpolate) by
 full-batch gradient descent, once per learning rate of a sweep. It starts
 small (`u = 0.1`, `v = 0`), where gradient descent with a small step finds
 a sparse interpolator of low l1 norm. Call `S_ref` the sharpness of that
-minimum (found here with a small learning rate) and `lr_c = 2 / S_ref` the
+minimum (found here with a small learning rate,
+`keras_sam.sharpness.critical_learning_rate`) and `lr_c = 2 / S_ref` the
 critical learning rate. Below `lr_c` gradient descent reaches about the same
 minimum, so the final sharpness stays flat. Gradient descent cannot settle
 where the top Hessian eigenvalue exceeds `2 / lr`, so above `lr_c` the
@@ -52,6 +53,9 @@ class Diagonal(keras.layers.Layer):
 
     def call(self, x):
         return x * self.u
+
+    def get_config(self):
+        return {**super().get_config(), "init": self.init}
 
 
 def make_data(n, d, seed):
@@ -130,14 +134,18 @@ def main():
     keras.utils.set_random_seed(args.seed)
     x, y, beta = make_data(args.samples, args.features, args.seed)
 
-    # The minimum that small steps reach (close to gradient flow); halve the
-    # step until it sits well inside the stable region, lr < 2 / sharpness.
-    ref_lr = args.ref_lr
-    s_ref = run(x, y, ref_lr, args.steps, args.u0, args.v0)[0]
-    while not ref_lr * s_ref / 2 < 0.5:
-        ref_lr /= 2
-        s_ref = run(x, y, ref_lr, args.steps, args.u0, args.v0)[0]
-    critical = 2.0 / s_ref
+    # The minimum that small steps reach (close to gradient flow); the step
+    # is halved until it sits well inside the stable region, lr < 1 / S.
+    gf = sharpness.critical_learning_rate(
+        build_model(x.shape[1], args.u0, args.v0),
+        (x, y),
+        learning_rate=args.ref_lr,
+        max_steps=args.steps,
+        loss="mse",
+        check_every=100,
+    )
+    ref_lr, s_ref = gf["learning_rate"], gf["sharpness"]
+    critical = gf["critical_learning_rate"]
     # Much past 1.3 lr_c, GD keeps oscillating at the edge for thousands of
     # steps (past about 1.5 lr_c it does not settle at all).
     lrs = critical * np.linspace(0.5, 1.3, args.num_lrs)

@@ -17,6 +17,7 @@ from keras_sam._validation import check_positive_int
 from keras_sam._validation import check_rho
 from keras_sam.optimum_shift import OptimumShifting  # noqa: F401
 from keras_sam.sharpness.hessian import METHODS
+from keras_sam.sharpness.krylov import WHICH
 from keras_sam.sharpness.probe import check_finite
 
 
@@ -44,7 +45,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
     unless `training=True`) and adds to `logs`:
 
     ```
-    sharpness     = lambda_max(H)                    # Lanczos
+    sharpness     = lambda_max(H)                    # Lanczos; or max |lambda|
     hessian_trace = (1/m) sum_i z_i^T H z_i          # Hutchinson, m probes
     param_l1      = sum |w|,   param_l2 = sqrt(sum w^2)
     eos_ratio     = sharpness / (2 (1 + beta) / lr)  # >= 1: edge of stability
@@ -85,6 +86,9 @@ class SharpnessMonitor(keras.callbacks.Callback):
         max_iter: Maximum Hessian-vector products for the top eigenvalue.
             Defaults to `100`.
         tol: Relative tolerance of the eigenvalue. Defaults to `1e-3`.
+        which: `"algebraic"` (the largest eigenvalue) or `"magnitude"`
+            (the largest `|eigenvalue|`, the sharpness of Fojtik et al.).
+            Defaults to `"algebraic"`.
         trace_probes: Number of Hutchinson probes; `0` skips the trace.
             Defaults to `10`.
         rho: If given, also log `sam_sharpness` with this radius.
@@ -120,6 +124,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
         method="lanczos",
         max_iter=100,
         tol=1e-3,
+        which="algebraic",
         trace_probes=10,
         rho=None,
         momentum=None,
@@ -132,6 +137,8 @@ class SharpnessMonitor(keras.callbacks.Callback):
         check_choice("method", method, METHODS)
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_float("tol", tol, low=0.0, low_open=True)
+        check_choice("which", which, WHICH)
+        self.which = which
         self.trace_probes = check_int("trace_probes", trace_probes, minimum=0)
         if rho is not None:
             rho = check_rho(rho)
@@ -189,6 +196,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
                 max_iter=self.max_iter,
                 tol=self.tol,
                 seed=self.seed,
+                which=self.which,
             )
         }
         if self.trace_probes:
@@ -223,6 +231,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
             "method": self.method,
             "max_iter": self.max_iter,
             "tol": self.tol,
+            "which": self.which,
             "trace_probes": self.trace_probes,
             "rho": self.rho,
             "momentum": self.momentum,

@@ -89,9 +89,7 @@ def train_sam(
                 eps = sam_eps(g, rho)
             else:
                 eps = asam_eps(params, g, rho, eta, weight_like)
-            _, g = loss_and_grads(
-                [p + e for p, e in zip(params, eps)], x, y
-            )
+            _, g = loss_and_grads([p + e for p, e in zip(params, eps)], x, y)
         params, velocity = sgd_step(params, g, velocity, lr, momentum)
     return params
 
@@ -144,9 +142,7 @@ def sam_grad(
             eps = sam_eps(g, rho)
         else:
             eps = asam_eps(params, g, rho, eta, weight_like)
-        _, g_adv = loss_and_grads(
-            [p + e for p, e in zip(params, eps)], xj, yj
-        )
+        _, g_adv = loss_and_grads([p + e for p, e in zip(params, eps)], xj, yj)
         total = [t + len(xj) / n * ga for t, ga in zip(total, g_adv)]
     return total
 
@@ -159,9 +155,7 @@ def clip_by_global_norm(grads, clipnorm):
 
 def clip_by_norm(grads, clipnorm):
     """Keras' `clipnorm`: each gradient clipped to norm c on its own."""
-    return [
-        g * clipnorm / max(np.sqrt(np.sum(g**2)), clipnorm) for g in grads
-    ]
+    return [g * clipnorm / max(np.sqrt(np.sum(g**2)), clipnorm) for g in grads]
 
 
 def train_sam_general(
@@ -205,10 +199,7 @@ def train_sam_general(
             if (step + 1) % accumulation_steps:
                 accumulated = [a + gi for a, gi in zip(accumulated, g)]
                 continue
-            g = [
-                (a + gi) / accumulation_steps
-                for a, gi in zip(accumulated, g)
-            ]
+            g = [(a + gi) / accumulation_steps for a, gi in zip(accumulated, g)]
             accumulated = [np.zeros_like(p) for p in params]
         if clipnorm is not None:
             g = clip_by_norm(g, clipnorm)
@@ -337,6 +328,19 @@ def scalar_eos_sharpness(u, v):
     h_uv = 2 * f_u * f_v + 2 * (f - 1) * f_uv
     hessian = np.array([[h_uu, h_uv], [h_uv, h_vv]])
     return np.linalg.eigvalsh(hessian)[-1]
+
+
+def scalar_eos_eigenvalues(u, v):
+    """Both eigenvalues (ascending) of the 2x2 Hessian of L(u, v); at
+    u = v = 0.5 they are -2.5625 and 0.9375: the negative one is larger in
+    magnitude."""
+    f = u * u * v * v
+    f_u, f_v = 2 * u * v * v, 2 * u * u * v
+    f_uu, f_vv, f_uv = 2 * v * v, 2 * u * u, 4 * u * v
+    h_uu = 2 * f_u * f_u + 2 * (f - 1) * f_uu
+    h_vv = 2 * f_v * f_v + 2 * (f - 1) * f_vv
+    h_uv = 2 * f_u * f_v + 2 * (f - 1) * f_uv
+    return np.linalg.eigvalsh(np.array([[h_uu, h_uv], [h_uv, h_vv]]))
 
 
 def scalar_eos_gd(u, v, lr, steps):

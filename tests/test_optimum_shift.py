@@ -167,7 +167,7 @@ def test_outputs_preserved_and_norms_never_increase():
     kernels_before = _kernels(model)
     y_before = keras.ops.convert_to_numpy(model(x, training=False))
 
-    report = keras_sam.optimum_shift(model, x)
+    report = keras_sam.optimum_shift(model, x, layers="all")
 
     y_after = keras.ops.convert_to_numpy(model(x, training=False))
     assert np.max(np.abs(y_before)) > 0.1
@@ -194,7 +194,7 @@ def test_joint_norm_never_increases():
         l.name: (_np(l.kernel), _np(l.bias)) for l in _dense_layers(model)
     }
 
-    keras_sam.optimum_shift(model, x, minimize="joint")
+    keras_sam.optimum_shift(model, x, minimize="joint", layers="all")
 
     for layer in _dense_layers(model):
         w, b = before[layer.name]
@@ -293,7 +293,9 @@ def test_rollback_on_tolerance_failure():
     x = np.eye(8, dtype="float32")[:4]
 
     with pytest.raises(ShiftToleranceError, match="layer 'b'.*rolled back"):
-        keras_sam.optimum_shift(model, x, rtol=0.5, tolerance=1e-3)
+        keras_sam.optimum_shift(
+            model, x, rtol=0.5, tolerance=1e-3, layers="all"
+        )
 
     for b, a in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -310,7 +312,7 @@ def test_inplace_false_leaves_input_untouched():
     before = model.get_weights()
     x = _x(24, 20)
 
-    report = keras_sam.optimum_shift(model, x, inplace=False)
+    report = keras_sam.optimum_shift(model, x, inplace=False, layers="all")
 
     for b, a in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -336,7 +338,9 @@ def test_streamed_batches_give_the_same_shift():
         (_Sequence(x, 15), 0),  # a PyDataset
     ):
         model = _mlp()
-        keras_sam.optimum_shift(model, data, batch_size=batch_size or 128)
+        keras_sam.optimum_shift(
+            model, data, batch_size=batch_size or 128, layers="all"
+        )
         results.append(model.get_weights())
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -438,7 +442,7 @@ def test_callback_during_fit():
     )
     x, y = _x(64, 20), np.random.default_rng(5).normal(size=(64, 5))
     callback = keras_sam.callbacks.OptimumShifting(
-        x, every_n_epochs=1, batch_size=16, seed=0
+        x, every_n_epochs=1, batch_size=16, seed=0, layers="all"
     )
 
     history = model.fit(
@@ -464,6 +468,134 @@ def test_callback_during_fit():
     assert restored.get_config() == config
     registered = keras.saving.get_registered_object("keras_sam>OptimumShifting")
     assert registered is keras_sam.callbacks.OptimumShifting
+
+
+def _two_layer_mlp(compile_loss=None):
+    model = keras.Sequential(
+        [
+            keras.Input((12,)),
+            Dense(40, activation="tanh", name="hidden"),
+            Dense(3, name="logits"),
+        ]
+    )
+    _set_random_weights(model, seed=3)
+    if compile_loss is not None:
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss=compile_loss)
+    return model
+
+
+def test_default_shifts_only_the_last_linear_layer():
+    # The paper's default: the last linear layer, on the features A = h(x).
+    model = _mlp()
+    x = _x(12, 20)
+    kernels = _kernels(model)
+    feature_model = keras.Model(model.inputs, model.get_layer("bn").output)
+    a = keras.ops.convert_to_numpy(feature_model(x, training=False))
+    last = model.get_layer("last")
+    kernel, bias = _np(last.kernel), _np(last.bias)
+    y_before = keras.ops.convert_to_numpy(model(x))
+
+    report = keras_sam.optimum_shift(model, x)
+
+    assert [r.name for r in report.layers] == ["last"]
+    assert report.shifted == ["last"]
+    want_kernel, want_bias = reference.min_norm_shift(a, kernel, bias)
+    np.testing.assert_allclose(_np(last.kernel), want_kernel, atol=2e-5)
+    np.testing.assert_allclose(_np(last.bias), want_bias, atol=2e-5)
+    for path, before in _kernels(model).items():
+        if "last" not in path:
+            np.testing.assert_array_equal(before, kernels[path])
+    y_after = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(y_after, y_before, atol=1e-4)
+    # "all" reaches every Dense layer; a bad selection names itself.
+    report = keras_sam.optimum_shift(model, x, layers="all", inplace=False)
+    assert report.shifted == ["first", "inner_a", "inner_b", "last"]
+    with pytest.raises(ValueError, match="layers"):
+        keras_sam.optimum_shift(model, x, layers="first_one")
+    with pytest.raises(TypeError, match="layers"):
+        keras_sam.optimum_shift(model, x, layers=3)
+
+
+def test_evaluation_data_is_measured_before_and_after():
+    model = _two_layer_mlp(compile_loss="mse")
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(60, 12)).astype("float32")
+    y = rng.normal(size=(60, 3)).astype("float32")
+    twin = _two_layer_mlp(compile_loss="mse")  # the weights before
+
+    report = keras_sam.optimum_shift(
+        model, (x[:10], y[:10]), evaluation_data=(x, y), trace_probes=5
+    )
+
+    before, after = report.evaluation_before, report.evaluation_after
+    assert before["samples"] == after["samples"] == 60
+    for measured, m in ((before, twin), (after, model)):
+        prediction = keras.ops.convert_to_numpy(m(x))
+        np.testing.assert_allclose(
+            measured["loss"], np.mean((prediction - y) ** 2), rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            measured["hessian_trace"],
+            keras_sam.sharpness.hessian_trace(m, (x, y), num_probes=5),
+            rtol=1e-4,
+        )
+    np.testing.assert_allclose(
+        after["top_eigenvalue"],
+        keras_sam.sharpness.top_eigenvalue(model, (x, y)),
+        rtol=1e-3,
+    )
+    # Outputs are kept on the calibration samples only: the loss on all 60
+    # moves.
+    assert abs(after["loss"] - before["loss"]) > 1e-4
+    assert "on the evaluation data (60 samples)" in str(report)
+    assert report.to_dict()["evaluation_after"] == after
+
+    # On the calibration data itself the loss is unchanged.
+    report = keras_sam.optimum_shift(
+        twin, (x[:10], y[:10]), evaluation_data=(x[:10], y[:10])
+    )
+    np.testing.assert_allclose(
+        report.evaluation_after["loss"],
+        report.evaluation_before["loss"],
+        rtol=1e-5,
+    )
+    with pytest.raises(ValueError, match="evaluation_data"):
+        keras_sam.optimum_shift(
+            _two_layer_mlp(), x[:10], evaluation_data=(x, y)
+        )
+
+
+def test_callback_every_n_steps_shifts_the_last_layer():
+    model = _two_layer_mlp(compile_loss="mse")
+    hidden = _np(model.get_layer("hidden").kernel)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 12)).astype("float32")
+    y = rng.normal(size=(64, 3)).astype("float32")
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    # 4 steps per epoch, 2 epochs: a shift at step 5 only (epoch 2).
+    callback = keras_sam.callbacks.OptimumShifting(
+        (x, y), every_n_steps=5, batch_size=8, seed=0
+    )
+    history = model.fit(
+        x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback]
+    )
+    assert len(history.history["shift_kernel_norm_after"]) == 1
+    report = callback.last_report
+    assert report.shifted == ["logits"]
+    assert report.kernel_norm_after < report.kernel_norm_before
+    # lr = 0: only the shift moved weights, and only the last layer's.
+    np.testing.assert_array_equal(_np(model.get_layer("hidden").kernel), hidden)
+    np.testing.assert_allclose(
+        np.linalg.norm(_np(model.get_layer("logits").kernel)),
+        report.kernel_norm_after,
+        rtol=1e-5,
+    )
+    config = callback.get_config()
+    assert config["every_n_steps"] == 5 and config["layers"] == "last"
+    with pytest.raises(ValueError, match="every_n_steps"):
+        keras_sam.callbacks.OptimumShifting(
+            x, every_n_epochs=2, every_n_steps=5
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -588,3 +588,138 @@ def test_bad_arguments_raise():
     unbuilt = keras.Sequential([keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="built=False"):
         sharpness.top_eigenvalue(unbuilt, (x, y), loss="mse")
+
+
+# ---------------------------------------------------------------------------
+# The largest |eigenvalue| (Fojtik et al.'s sharpness) and the critical
+# learning rate 2 / S_GF (issue 17).
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_which_magnitude_on_a_negative_dominant_eigenvalue(method):
+    # L = (u^2 v^2 - 1)^2 at u = v = 0.5: eigenvalues -2.5625 and 0.9375.
+    model, loss = _scalar_network()
+    model.set_weights([np.array([[0.5]], "float32")] * 2)
+    probe = (np.ones((1, 1), "float32"), np.ones((1, 1), "float32"))
+    low, high = reference.scalar_eos_eigenvalues(0.5, 0.5)
+    assert -low > high > 0
+    hessian = sharpness.Hessian(model, probe, loss=loss)
+    kwargs = dict(method=method, max_iter=200, tol=1e-6)
+    algebraic = hessian.top_eigenvalue(**kwargs)
+    magnitude = hessian.top_eigenvalue(which="magnitude", **kwargs)
+    np.testing.assert_allclose(algebraic, high, rtol=1e-4)
+    np.testing.assert_allclose(magnitude, -low, rtol=1e-4)
+    value = sharpness.top_eigenvalue(
+        model, probe, loss=loss, method=method, which="magnitude", tol=1e-6
+    )
+    np.testing.assert_allclose(value, -low, rtol=1e-4)
+
+
+def test_which_magnitude_on_a_larger_indefinite_quadratic():
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(DIM, DIM)))
+    matrix = (q * np.linspace(-10.0, 3.0, DIM)) @ q.T
+    model, data, loss = _quadratic(matrix)
+    hessian = sharpness.Hessian(model, data, loss=loss)
+    value, vector = hessian.top_eigenvalue(
+        which="magnitude", tol=1e-6, return_eigenvector=True
+    )
+    evals, evecs = np.linalg.eigh(matrix)
+    np.testing.assert_allclose(value, 10.0, rtol=1e-4)
+    v = np.ravel(_numpy(vector)[0])
+    assert abs(abs(v @ evecs[:, 0]) - 1.0) < 1e-3
+    np.testing.assert_allclose(
+        hessian.top_eigenvalue(tol=1e-6), evals[-1], rtol=1e-4
+    )
+    with pytest.raises(ValueError, match="which"):
+        hessian.top_eigenvalue(which="largest")
+
+
+def test_critical_learning_rate_matches_a_float64_small_step_run():
+    model, loss = _scalar_network()
+    probe = (np.ones((1, 1), "float32"), np.ones((1, 1), "float32"))
+    weights = [w.copy() for w in model.get_weights()]
+    # lr 0.05 is above S_GF^-1 (S_GF ~ 34): halved once to 0.025.
+    result = sharpness.critical_learning_rate(
+        model,
+        probe,
+        learning_rate=0.05,
+        max_steps=200,
+        loss=loss,
+        check_every=100,
+    )
+    assert result["learning_rate"] == 0.025
+    assert result["steps"] == 200
+    u, v = reference.scalar_eos_gd(U0, V0, 0.025, 200)
+    s_gf = np.max(np.abs(reference.scalar_eos_eigenvalues(u, v)))
+    np.testing.assert_allclose(result["sharpness"], s_gf, rtol=1e-3)
+    np.testing.assert_allclose(
+        result["critical_learning_rate"], 2 / s_gf, rtol=1e-3
+    )
+    far, _ = _scalar_network()
+    far.set_weights([np.array([[0.8]], "float32")] * 2)  # loss 0.35
+    with pytest.warns(RuntimeWarning, match="max_steps"):
+        result = sharpness.critical_learning_rate(
+            far,
+            probe,
+            learning_rate=0.02,
+            max_steps=20,
+            loss_threshold=1e-6,
+            loss=loss,
+            check_every=20,
+        )
+    assert result["reached_threshold"] is False
+    # The model itself is not trained.
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    with pytest.raises(ValueError, match="max_halvings"):
+        sharpness.critical_learning_rate(
+            model,
+            probe,
+            learning_rate=1.0,
+            max_steps=100,
+            loss=loss,
+            max_halvings=0,
+            check_every=100,
+        )
+
+
+def test_full_batch_gradient_descent_stops_at_the_loss_threshold():
+    model, loss = _scalar_network()
+    model.set_weights([np.array([[0.8]], "float32")] * 2)
+    probe = (np.ones((1, 1), "float32"), np.ones((1, 1), "float32"))
+    run = sharpness.full_batch_gradient_descent(
+        model,
+        probe,
+        0.05,
+        max_steps=400,
+        loss_threshold=1e-4,
+        loss=loss,
+        check_every=10,
+    )
+    assert run["reached_threshold"] and not run["diverged"]
+    assert run["loss"] <= 1e-4 and run["steps"] % 10 == 0
+    # The same number of float64 steps lands at the same point.
+    u, v = reference.scalar_eos_gd(0.8, 0.8, 0.05, run["steps"])
+    np.testing.assert_allclose(np.ravel(model.get_weights()), [u, v], rtol=1e-4)
+    # Before the last check the loss was still above the threshold.
+    u, v = reference.scalar_eos_gd(0.8, 0.8, 0.05, run["steps"] - 10)
+    assert (u * u * v * v - 1) ** 2 > 1e-4
+    with pytest.raises(ValueError, match="learning_rate"):
+        sharpness.full_batch_gradient_descent(model, probe, -0.1, loss=loss)
+
+
+def test_monitor_which_magnitude_and_config():
+    model, loss = _scalar_network()
+    model.set_weights([np.array([[0.5]], "float32")] * 2)
+    model.compile(optimizer=keras.optimizers.SGD(1e-6), loss=loss)
+    probe = (np.ones((1, 1), "float32"), np.ones((1, 1), "float32"))
+    monitor = SharpnessMonitor(probe, which="magnitude", trace_probes=0)
+    history = model.fit(
+        probe[0], probe[1], epochs=1, verbose=0, callbacks=[monitor]
+    )
+    low, _ = reference.scalar_eos_eigenvalues(0.5, 0.5)
+    np.testing.assert_allclose(history.history["sharpness"][0], -low, rtol=1e-3)
+    assert monitor.get_config()["which"] == "magnitude"
+    with pytest.raises(ValueError, match="which"):
+        SharpnessMonitor(probe, which="abs")

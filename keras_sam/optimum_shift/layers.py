@@ -151,7 +151,8 @@ class Hook:
 
 
 def ordered_layers(model, x):
-    """Layers with weights, in the order a forward pass on `x` calls them."""
+    """Layers with weights, in the order a forward pass on `x` calls them,
+    then those it does not call; and the set of ids of the called ones."""
     leaves = _leaf_layers(model)
     order = {}
     hooks = []
@@ -176,7 +177,7 @@ def ordered_layers(model, x):
     called = sorted(
         (l for l in leaves if id(l) in order), key=lambda l: order[id(l)]
     )
-    return called + [l for l in leaves if id(l) not in order]
+    return called + [l for l in leaves if id(l) not in order], set(order)
 
 
 def forward(model, x):
@@ -184,35 +185,65 @@ def forward(model, x):
     return model(x, training=False)  # inference mode
 
 
-def plan_layers(candidates, layers, max_dim):
+# The named selections of `optimum_shift(layers=...)`.
+SELECTIONS = ("last", "all")
+
+
+def _select(candidates, called, layers):
+    """The layers of `candidates` that `layers` names, in their order."""
+    if layers is None or layers == "all":  # None: "all", as before
+        return candidates
+    if layers == "last":
+        # The paper's choice: the last linear layer the forward pass calls
+        # (the one producing the logits in a classifier).
+        linear = [
+            l
+            for l in candidates
+            if id(l) in called
+            and isinstance(l, (keras.layers.Dense,) + _CONV_TYPES)
+        ]
+        return linear[-1:]
+    if isinstance(layers, str) and layers not in {l.name for l in candidates}:
+        raise ValueError(
+            f"`layers` must be 'last', 'all', a layer name or a list of "
+            f"names or layers. Received: layers={layers!r}"
+        )
+    if isinstance(layers, (str, keras.layers.Layer)):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(
+            "`layers` must be 'last', 'all', a layer name or a list of "
+            f"names or layers. Received: layers={layers!r}"
+        )
+    by_name = {l.name: l for l in candidates}
+    chosen = set()
+    for item in layers:
+        if isinstance(item, keras.layers.Layer):
+            if id(item) not in {id(l) for l in candidates}:
+                raise ValueError(
+                    f"Layer {item.name!r} in `layers` is not part of the "
+                    f"model. Received: layers={layers!r}"
+                )
+            chosen.add(id(item))
+        elif item in by_name:
+            chosen.add(id(by_name[item]))
+        else:
+            raise ValueError(
+                f"No layer named {item!r} in the model. Layers with "
+                f"weights: {sorted(by_name)}. Received: layers={layers!r}"
+            )
+    return [l for l in candidates if id(l) in chosen]
+
+
+def plan_layers(candidates, called, layers, max_dim):
     """A `LinearView` per layer to shift, a skipped `LayerShift` per other.
 
-    `layers` (names or layer objects; `None`: all) selects among
-    `candidates`, in their order.
+    `layers` selects among `candidates` (in their order): `"last"` the last
+    Dense/Conv layer called (`called`: ids of the called layers), `"all"`
+    every one, or names / layer objects.
     """
-    if layers is not None:
-        if isinstance(layers, (str, keras.layers.Layer)):
-            layers = [layers]
-        by_name = {l.name: l for l in candidates}
-        chosen = set()
-        for item in layers:
-            if isinstance(item, keras.layers.Layer):
-                if id(item) not in {id(l) for l in candidates}:
-                    raise ValueError(
-                        f"Layer {item.name!r} in `layers` is not part of the "
-                        f"model. Received: layers={layers!r}"
-                    )
-                chosen.add(id(item))
-            elif item in by_name:
-                chosen.add(id(by_name[item]))
-            else:
-                raise ValueError(
-                    f"No layer named {item!r} in the model. Layers with "
-                    f"weights: {sorted(by_name)}. Received: layers={layers!r}"
-                )
-        candidates = [l for l in candidates if id(l) in chosen]
     plan = []
-    for layer in candidates:
+    for layer in _select(candidates, called, layers):
         reason = _skip_reason(layer, max_dim)
         if reason is None:
             plan.append(LinearView(layer))

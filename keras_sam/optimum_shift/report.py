@@ -68,6 +68,10 @@ class ShiftReport:
         loss_before: mean loss on the data before shifting (when `loss` was
             given), else `None`.
         loss_after: mean loss on the data after shifting, or `None`.
+        evaluation_before: on `evaluation_data`, before shifting, a dict
+            `{"samples", "loss", "hessian_trace", "top_eigenvalue"}`, or
+            `None` when no `evaluation_data` was given.
+        evaluation_after: the same after shifting, or `None`.
     """
 
     def __init__(
@@ -82,6 +86,8 @@ class ShiftReport:
         output_max_rel_change=None,
         loss_before=None,
         loss_after=None,
+        evaluation_before=None,
+        evaluation_after=None,
     ):
         self.layers = list(layers)
         self.model = model
@@ -93,6 +99,8 @@ class ShiftReport:
         self.output_max_rel_change = output_max_rel_change
         self.loss_before = loss_before
         self.loss_after = loss_after
+        self.evaluation_before = evaluation_before
+        self.evaluation_after = evaluation_after
 
     @property
     def shifted(self):
@@ -130,6 +138,8 @@ class ShiftReport:
             "output_max_rel_change": self.output_max_rel_change,
             "loss_before": self.loss_before,
             "loss_after": self.loss_after,
+            "evaluation_before": self.evaluation_before,
+            "evaluation_after": self.evaluation_after,
             "layers": [row.to_dict() for row in self.layers],
         }
 
@@ -178,6 +188,15 @@ class ShiftReport:
         if self.loss_before is not None:
             lines.append(
                 f"loss: {self.loss_before:.6g} -> {self.loss_after:.6g}"
+            )
+        if self.evaluation_before is not None:
+            before, after = self.evaluation_before, self.evaluation_after
+            lines.append(
+                f"on the evaluation data ({before['samples']} samples): "
+                + "; ".join(
+                    f"{key} {before[key]:.6g} -> {after[key]:.6g}"
+                    for key in ("loss", "hessian_trace", "top_eigenvalue")
+                )
             )
         return "\n".join(lines)
 

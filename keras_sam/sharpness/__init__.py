@@ -22,7 +22,8 @@ logs these quantities during `fit`.
 Modules: `hessian` (the `Hessian` operator and its estimators),
 `krylov` (Lanczos and power iteration, apart from models and data),
 `compiled` (the compiled functions of one batch's loss), `vectors` (flat
-vectors), `estimators` (the one-call functions).
+vectors), `estimators` (the one-call functions), `stability` (full-batch
+gradient descent and the critical learning rate `2 / S_GF`).
 """
 
 from keras_sam.sharpness.estimators import hessian_trace
@@ -31,3 +32,5 @@ from keras_sam.sharpness.estimators import parameter_norms
 from keras_sam.sharpness.estimators import sam_sharpness
 from keras_sam.sharpness.estimators import top_eigenvalue
 from keras_sam.sharpness.hessian import Hessian
+from keras_sam.sharpness.stability import critical_learning_rate
+from keras_sam.sharpness.stability import full_batch_gradient_descent

@@ -35,12 +35,18 @@ def top_eigenvalue(
     max_iter=100,
     tol=1e-3,
     seed=0,
+    which="algebraic",
 ):
     """Top eigenvalue of the Hessian of the full-data loss (the sharpness).
 
     ```
-    lambda_max = max_{||v|| = 1} v^T H v,    H = grad^2 (1/N) sum_i l_i(w)
+    which="algebraic":  lambda_max = max_{||v|| = 1} v^T H v
+    which="magnitude":  ||H||_2    = max_{||v|| = 1} |v^T H v|
+                        H = grad^2 (1/N) sum_i l_i(w)
     ```
+
+    The two differ only where a negative eigenvalue dominates (away from a
+    minimum); Fojtik et al. call the second the sharpness.
 
     Args:
         model: A built `keras.Model` or `keras_sam.SAMModel`.
@@ -56,6 +62,8 @@ def top_eigenvalue(
         tol: Relative tolerance (see `Hessian.top_eigenvalue`).
             Defaults to `1e-3`.
         seed: Seed of the start vector. Defaults to `0`.
+        which: `"algebraic"` (largest eigenvalue) or `"magnitude"`
+            (largest `|eigenvalue|`). Defaults to `"algebraic"`.
 
     Returns:
         The eigenvalue (float). NaN, with a `RuntimeWarning`, when the loss
@@ -79,7 +87,7 @@ def top_eigenvalue(
     """
     hessian = Hessian(model, data, loss, training, batch_size, steps)
     return hessian.top_eigenvalue(
-        method=method, max_iter=max_iter, tol=tol, seed=seed
+        method=method, max_iter=max_iter, tol=tol, seed=seed, which=which
     )
 
 

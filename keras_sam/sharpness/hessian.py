@@ -27,7 +27,9 @@ from keras_sam.sharpness.compiled import resolve_loss
 from keras_sam.sharpness.krylov import lanczos
 from keras_sam.sharpness.krylov import lanczos_block_step
 from keras_sam.sharpness.krylov import power_iteration
+from keras_sam.sharpness.krylov import WHICH
 from keras_sam.sharpness.krylov import power_step
+from keras_sam.sharpness.krylov import shifted_power_step
 from keras_sam.sharpness.probe import check_data
 from keras_sam.sharpness.probe import check_model
 from keras_sam.sharpness.probe import nan_if_diverged
@@ -276,8 +278,19 @@ class Hessian:
         tol=1e-3,
         seed=0,
         return_eigenvector=False,
+        which="algebraic",
     ):
         """Top eigenvalue of the Hessian (the sharpness).
+
+        ```
+        which="algebraic":  lambda_max = max_i lambda_i
+        which="magnitude":  ||H||_2    = max_i |lambda_i|
+        ```
+
+        The two differ where the Hessian has a negative eigenvalue larger
+        in magnitude than its largest positive one (away from a minimum).
+        Cohen et al. track the first; Fojtik et al. define the sharpness as
+        the second (the spectral norm of the training-loss Hessian).
 
         Lanczos (default) builds an orthonormal Krylov basis `q_1..q_k` with
         `H Q_k = Q_k T_k + beta_k q_{k+1} e_k^T` and returns the largest
@@ -300,7 +313,12 @@ class Hessian:
         product). Power iteration repeats
         `v <- H v / ||H v||` and stops when `v . H v` changes by at most
         `tol` relative; it finds the eigenvalue of largest magnitude and
-        converges more slowly.
+        converges more slowly. For `which="algebraic"`, when that dominant
+        eigenvalue `mu` is negative, a second power iteration on
+        `H - mu I` (whose spectrum is `>= 0`, its top `lambda_max - mu`)
+        gives `lambda_max`. For `which="magnitude"` Lanczos returns the
+        extreme Ritz value of largest magnitude, stopping once both ends of
+        the spectrum meet the tolerance.
 
         Args:
             method: `"lanczos"` or `"power"`. Defaults to `"lanczos"`.
@@ -311,11 +329,15 @@ class Hessian:
             return_eigenvector: Also return the eigenvector (a list of
                 tensors shaped like the trainable variables, unit norm).
                 Defaults to `False`.
+            which: `"algebraic"` (the largest eigenvalue) or
+                `"magnitude"` (the largest absolute value, returned as
+                `|lambda|`, non-negative). Defaults to `"algebraic"`.
 
         Returns:
             The eigenvalue (float), or `(eigenvalue, eigenvector)`.
         """
         check_choice("method", method, METHODS)
+        check_choice("which", which, WHICH)
         max_iter = check_positive_int("max_iter", max_iter)
         tol = check_float("tol", tol, low=0.0, low_open=True)
         seed = check_int("seed", seed, minimum=0)
@@ -323,11 +345,20 @@ class Hessian:
         if method == "lanczos":
             iterate = self._lanczos_operator()
             theta, flat = lanczos(
-                iterate, start, max_iter, tol, return_eigenvector
+                iterate, start, max_iter, tol, return_eigenvector, which
             )
         else:
             iterate = self._flat_operator(power_step)
             theta, flat = power_iteration(iterate, start, max_iter, tol)
+            if which == "algebraic" and theta < 0:
+                # The dominant eigenvalue mu is negative: the top of H is
+                # mu plus the top of H - mu I, whose spectrum is >= 0.
+                mu = ops.convert_to_tensor(np.float32(theta))
+                shifted = self._flat_operator(shifted_power_step)
+                top, flat = power_iteration(shifted, flat, max_iter, tol, mu)
+                theta = top + theta
+        if which == "magnitude":
+            theta = abs(theta)
         theta = nan_if_diverged(theta, "top_eigenvalue")
         if return_eigenvector:
             return theta, unflatten(flat, self._values())

@@ -76,6 +76,16 @@ def power_step(w, v):
     return v_next, ops.stack([theta, norm])
 
 
+def shifted_power_step(w, v, mu):
+    """`power_step` on `H - mu I`: `w = H v - mu v`; `theta` is of the
+    shifted operator."""
+    w = ops.subtract(w, ops.multiply(v, mu))
+    theta = ops.vdot(v, w)
+    norm = ops.norm(w)
+    v_next = ops.divide(w, ops.maximum(norm, NORM_EPSILON))
+    return v_next, ops.stack([theta, norm])
+
+
 def _scalars(tensor):
     return [float(value) for value in ops.convert_to_numpy(tensor)]
 
@@ -127,8 +137,34 @@ def _reorthogonalize(blocks, q):
     return ops.divide(q, max(norm, NORM_EPSILON)), norm
 
 
-def lanczos(iterate, start, max_iter, tol, return_vector=False):
+# The eigenvalue the solvers look for: the largest (algebraic) or the one of
+# largest magnitude.
+WHICH = ("algebraic", "magnitude")
+
+
+def _ritz_error(eigenvalues, eigenvectors, index, beta):
+    """Error bound `min(r, r^2 / gap)` of the Ritz value `index` (0: the
+    smallest, -1: the largest), `r = beta_k |s_k|` its residual and `gap`
+    the distance to the next Ritz value."""
+    residual = beta * abs(eigenvectors[-1, index])
+    if len(eigenvalues) == 1:
+        return residual
+    neighbour = eigenvalues[-2] if index == -1 else eigenvalues[1]
+    gap = abs(eigenvalues[index] - neighbour)
+    if gap > 0:
+        return min(residual, residual**2 / gap)
+    return residual
+
+
+def lanczos(
+    iterate, start, max_iter, tol, return_vector=False, which="algebraic"
+):
     """Largest Ritz pair by Lanczos with partial reorthogonalization.
+
+    `which="algebraic"` gives the largest Ritz value; `"magnitude"` the
+    extreme one of largest absolute value, stopping only once both ends
+    of the spectrum meet the tolerance (the other end could otherwise
+    still overtake it).
 
     `iterate(n, q, q_previous, beta)` runs `1 <= k <= n` iterations of the
     recurrence (`lanczos_steps`) in one compiled call; their `(alpha, beta)`
@@ -171,14 +207,19 @@ def lanczos(iterate, start, max_iter, tol, return_vector=False):
                 np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
             )
             eigenvalues, eigenvectors = np.linalg.eigh(tridiagonal)
-            theta, ritz = float(eigenvalues[-1]), eigenvectors[:, -1]
+            index = -1
+            if which == "magnitude" and -eigenvalues[0] > eigenvalues[-1]:
+                index = 0
+            theta, ritz = float(eigenvalues[index]), eigenvectors[:, index]
             # r = ||H y - theta y|| for the Ritz vector y = Q_k s bounds the
             # error by r, and by r^2 / gap with the gap to the next Ritz
             # value.
-            residual = beta * abs(ritz[-1])
-            error = residual
-            if len(eigenvalues) > 1 and theta > eigenvalues[-2]:
-                error = min(residual, residual**2 / (theta - eigenvalues[-2]))
+            error = _ritz_error(eigenvalues, eigenvectors, index, beta)
+            if which == "magnitude":
+                error = max(
+                    error,
+                    _ritz_error(eigenvalues, eigenvectors, -1 - index, beta),
+                )
             done = (
                 error <= tol * abs(theta)
                 or beta <= NORM_EPSILON * max(norm, 1.0)
@@ -227,13 +268,14 @@ def lanczos(iterate, start, max_iter, tol, return_vector=False):
     return theta, ops.matmul(ritz, basis)[0]
 
 
-def power_iteration(iterate, start, max_iter, tol):
-    """Dominant eigenpair by power iteration; `iterate(v)` is one product
-    fused with `power_step`."""
+def power_iteration(iterate, start, max_iter, tol, *extra):
+    """Dominant eigenpair by power iteration; `iterate(v, *extra)` is one
+    product fused with `power_step` (or `shifted_power_step`, `extra`
+    holding the shift)."""
     v = ops.divide(start, l2_norm(start))
     theta = None
     for _ in range(max_iter):
-        v_next, stats = iterate(v)
+        v_next, stats = iterate(v, *extra)
         previous, (theta, norm) = theta, _scalars(stats)
         if not (math.isfinite(theta) and math.isfinite(norm)):
             return math.nan, ops.full_like(v, math.nan)
