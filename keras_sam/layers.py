@@ -319,9 +319,7 @@ class StiefelConv2D(_StiefelFactor, keras.layers.Layer):
         if self.bias is not None and self.data_format == "channels_first":
             outputs = ops.add(outputs, ops.reshape(self.bias, (-1, 1, 1)))
             return (
-                outputs
-                if self.activation is None
-                else self.activation(outputs)
+                outputs if self.activation is None else self.activation(outputs)
             )
         return self._finish(outputs)
 
