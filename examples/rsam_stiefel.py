@@ -22,7 +22,7 @@ The defaults run in a few minutes on 2 CPU cores; no download. Pick the
 backend with KERAS_BACKEND.
 
     python examples/rsam_stiefel.py
-    python examples/rsam_stiefel.py --seeds 10 --epochs 30 --rho 0.5
+    python examples/rsam_stiefel.py --seeds 10 --epochs 30 --rho 0.05
 """
 
 import argparse
@@ -134,12 +134,12 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument(
-        "--rho", type=float, default=0.5, help="RSAM's radius for U"
+        "--rho", type=float, default=0.02, help="RSAM's radius for U"
     )
     parser.add_argument(
         "--flat-rho",
         type=float,
-        default=0.05,
+        default=0.02,
         help="SAM's radius, and RSAM's for the flat variables",
     )
     parser.add_argument("--filters", type=int, default=16)
