@@ -18,6 +18,11 @@ symmetric noise) whose middle convolution is an R-Stiefel layer,
 
 It prints the test accuracy of each run over `--seeds` seeds (mean and
 standard deviation) and the orthonormality error `max |U^T U - I|` of U.
+With the defaults on TensorFlow (seeds 0-4): SGD 0.904, SAM 0.872,
+Riemannian SGD 0.841, RSAM 0.874 (+- 0.068; 4 of 5 seeds above Riemannian
+SGD), U orthonormal to 1e-6 under RSAM. The radii were chosen on seeds
+100-102; radii above about 0.05 on U keep this small network on its
+initial plateau.
 The defaults run in a few minutes on 2 CPU cores; no download. Pick the
 backend with KERAS_BACKEND.
 
