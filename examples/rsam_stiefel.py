@@ -1,34 +1,36 @@
-"""RSAM: a CNN with an orthogonal (Stiefel) convolution, SGD vs SAM vs RSAM.
+"""RSAM with a Stiefel layer: SGD, SAM, Riemannian SGD and RSAM on digits.
 
-A small CNN on scikit-learn's bundled 8x8 digits has one convolution in the
-middle whose kernel, reshaped to (3 * 3 * channels, filters), is meant to have
-orthonormal columns (a point of the Stiefel manifold, as in the RSAM paper).
-All three runs start from the same weights, with that kernel initialized on
-the manifold:
+The setting of the RSAM paper (Truong et al., arXiv 2309.17215 v1), scaled
+down: a small CNN on scikit-learn's bundled 8x8 digits (labels with 20%
+symmetric noise) whose middle convolution is an R-Stiefel layer,
+`keras_sam.layers.StiefelConv2D`: kernel = U diag(s), U of shape
+(3 * 3 * channels, filters) with orthonormal columns. Four runs per seed:
 
-- SGD (momentum) and SAM around the same SGD treat the kernel as flat, so it
-  drifts off the manifold;
-- RSAM (`keras_sam.optimizers.RSAM`) perturbs along the manifold, projects
-  the adversarial gradient onto its tangent space and retracts after each
-  step, so the kernel stays orthonormal.
+- `sgd`:  the same CNN with a plain Conv2D, SGD with momentum;
+- `sam`:  the plain CNN, SAM around the same SGD (`--flat-rho`);
+- `rsgd`: the Stiefel CNN, Riemannian SGD: `RSAM(rho=0, flat_rho=0)`, which
+          is the inner SGD with U's gradient made Riemannian (canonical
+          metric) and a QR retraction;
+- `rsam`: the Stiefel CNN, RSAM: U perturbed along the manifold with radius
+          `--rho`, the flat variables (s, biases, the other layers) as SAM
+          with radius `--flat-rho`, as in the paper (U by RSAM, the rest by
+          SAM).
 
-The script prints test accuracy and the orthonormality error
-`max |U^T U - I|` of the kernel; the error is also logged each epoch (key
-`orth_error`), and `--plot NAME` draws it into `--out-dir` (default
-`out/`). `--projected` gives SGD and SAM the retraction too (projected
-gradient descent) for a like-for-like comparison.
-The training labels get symmetric label noise (20% by default).
-
-Runs in about a minute on 2 CPU cores with the defaults; no download. Pick
-the backend with KERAS_BACKEND.
+It prints the test accuracy of each run over `--seeds` seeds (mean and
+standard deviation) and the orthonormality error `max |U^T U - I|` of U.
+With the defaults on TensorFlow (seeds 0-4): SGD 0.904, SAM 0.872,
+Riemannian SGD 0.841, RSAM 0.874 (+- 0.068; 4 of 5 seeds above Riemannian
+SGD), U orthonormal to 1e-6 under RSAM. The radii were chosen on seeds
+100-102; radii above about 0.05 on U keep this small network on its
+initial plateau.
+The defaults run in a few minutes on 2 CPU cores; no download. Pick the
+backend with KERAS_BACKEND.
 
     python examples/rsam_stiefel.py
-    python examples/rsam_stiefel.py --epochs 60 --rho 0.1 --metric adaptive
-    python examples/rsam_stiefel.py --projected --plot orth.png
+    python examples/rsam_stiefel.py --seeds 10 --epochs 30 --rho 0.05
 """
 
 import argparse
-import os
 import time
 
 import keras
@@ -37,9 +39,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import keras_sam
-from keras_sam import manifolds
 
 STIEFEL_LAYER = "stiefel_conv"
+RUNS = ("sgd", "sam", "rsgd", "rsam")
 
 
 def load_data(label_noise, seed):
@@ -55,26 +57,26 @@ def load_data(label_noise, seed):
     return (x_train, y_train.astype("int32")), (x_test, y_test)
 
 
-def build_model(filters, projected):
-    """Conv -> Stiefel conv -> pool -> conv -> dense.
-
-    The middle kernel, (3, 3, filters, filters), is a (9 * filters, filters)
-    matrix with orthonormal columns at initialization.
-    """
-    constraint = manifolds.ManifoldConstraint("stiefel") if projected else None
+def build_model(filters, stiefel, seed):
+    """Conv -> middle conv (Stiefel or plain) -> pool -> conv -> dense."""
+    if stiefel:
+        middle = keras_sam.layers.StiefelConv2D(
+            filters,
+            3,
+            padding="same",
+            activation="relu",
+            seed=seed,
+            name=STIEFEL_LAYER,
+        )
+    else:
+        middle = keras.layers.Conv2D(
+            filters, 3, padding="same", activation="relu", name=STIEFEL_LAYER
+        )
     return keras.Sequential(
         [
             keras.Input((8, 8, 1)),
             keras.layers.Conv2D(filters, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(
-                filters,
-                3,
-                padding="same",
-                activation="relu",
-                name=STIEFEL_LAYER,
-                kernel_initializer=manifolds.StiefelInitializer(),
-                kernel_constraint=constraint,
-            ),
+            middle,
             keras.layers.MaxPooling2D(2),
             keras.layers.Conv2D(
                 2 * filters, 3, padding="same", activation="relu"
@@ -91,116 +93,98 @@ def orthonormality_error(kernel):
     return float(np.abs(u.T @ u - np.eye(u.shape[1])).max())
 
 
-class OrthonormalityLog(keras.callbacks.Callback):
-    """Writes the Stiefel kernel's orthonormality error into the logs."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["orth_error"] = orthonormality_error(self.layer.kernel)
+def run(name, args, data, seed):
+    (x_train, y_train), (x_test, y_test) = data
+    keras.utils.set_random_seed(seed)
+    net = build_model(args.filters, name in ("rsgd", "rsam"), seed)
+    sgd = keras.optimizers.SGD(args.lr, momentum=0.9)
+    if name == "sgd":
+        model, optimizer = net, sgd
+    elif name == "sam":
+        model = keras_sam.SAMModel(net)
+        optimizer = keras_sam.optimizers.SAM(sgd, rho=args.flat_rho)
+    else:
+        model = keras_sam.SAMModel(net)
+        rho, flat_rho = (0.0, 0.0) if name == "rsgd" else (args.rho, None)
+        optimizer = keras_sam.optimizers.RSAM(
+            sgd,
+            rho=rho,
+            flat_rho=args.flat_rho if flat_rho is None else flat_rho,
+        )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        verbose=args.verbose,
+    )
+    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    layer = net.get_layer(STIEFEL_LAYER)
+    u = layer.u if name in ("rsgd", "rsam") else layer.kernel
+    return accuracy, orthonormality_error(u)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first..first+n-1"
+    )
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument(
-        "--metric",
-        choices=["identity", "adaptive", "fisher"],
-        default="identity",
-        help="RSAM's metric (rho ~0.5 for adaptive)",
+        "--rho", type=float, default=0.02, help="RSAM's radius for U"
+    )
+    parser.add_argument(
+        "--flat-rho",
+        type=float,
+        default=0.02,
+        help="SAM's radius, and RSAM's for the flat variables",
     )
     parser.add_argument("--filters", type=int, default=16)
     parser.add_argument("--label-noise", type=float, default=0.2)
     parser.add_argument(
-        "--projected",
-        action="store_true",
-        help="retract SGD and SAM onto the manifold too (a constraint)",
+        "--runs", default=",".join(RUNS), help="comma-separated subset"
     )
-    parser.add_argument(
-        "--plot", default=None, help="file name of a plot, in --out-dir"
-    )
-    parser.add_argument(
-        "--out-dir", default="out", help="folder of the plot (created)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", type=int, default=1)
+    parser.add_argument("--verbose", type=int, default=0)
     args = parser.parse_args()
+    runs = [r for r in args.runs.split(",") if r]
+    unknown = sorted(set(runs) - set(RUNS))
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
 
-    (x_train, y_train), (x_test, y_test) = load_data(
-        args.label_noise, args.seed
-    )
-    keras.utils.set_random_seed(args.seed)
-    initial = build_model(args.filters, False).get_weights()
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    results, histories = {}, {}
-    for name in ("sgd", "sam", "rsam"):
-        keras.utils.set_random_seed(args.seed)
-        net = build_model(args.filters, args.projected and name != "rsam")
-        net.set_weights(initial)
-        sgd = keras.optimizers.SGD(args.lr, momentum=0.9)
-        if name == "sgd":
-            model, optimizer = net, sgd
-        elif name == "sam":
-            model = keras_sam.SAMModel(net)
-            optimizer = keras_sam.optimizers.SAM(sgd, rho=args.rho)
-        else:
-            model = keras_sam.SAMModel(net)
-            optimizer = keras_sam.optimizers.RSAM(
-                sgd,
-                rho=args.rho,
-                manifold={STIEFEL_LAYER: "stiefel"},
-                metric=args.metric,
+    results = {name: [] for name in runs}
+    start = time.perf_counter()
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        data = load_data(args.label_noise, seed)
+        for name in runs:
+            accuracy, error = run(name, args, data, seed)
+            results[name].append((accuracy, error))
+            print(
+                f"seed {seed} {name:>4}: test accuracy {accuracy:.4f}   "
+                f"max|U^T U - I| {error:.1e}",
+                flush=True,
             )
-        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-        print(f"\n== {name}: {type(optimizer).__name__}")
-        start = time.perf_counter()
-        history = model.fit(
-            x_train,
-            y_train,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            callbacks=[OrthonormalityLog(net.get_layer(STIEFEL_LAYER))],
-            verbose=args.verbose,
-        )
-        seconds = time.perf_counter() - start
-        _, accuracy = model.evaluate(x_test, y_test, verbose=0)
-        error = orthonormality_error(net.get_layer(STIEFEL_LAYER).kernel)
-        results[name] = (accuracy, error, seconds)
-        histories[name] = history.history["orth_error"]
 
     print(
-        f"\nbackend {keras.backend.backend()}, label noise "
-        f"{args.label_noise:.0%}, {args.epochs} epochs, rho {args.rho}, "
-        f"RSAM metric {args.metric}"
-        + (", SGD/SAM projected" if args.projected else "")
+        f"\nbackend {keras.backend.backend()}, {args.seeds} seeds, "
+        f"{args.epochs} epochs, label noise {args.label_noise:.0%}, "
+        f"RSAM rho {args.rho} (U), flat rho {args.flat_rho}, "
+        f"{time.perf_counter() - start:.0f} s"
     )
-    for name, (accuracy, error, seconds) in results.items():
+    for name, rows in results.items():
+        accuracy = np.array([a for a, _ in rows])
+        error = max(e for _, e in rows)
         print(
-            f"{name:>5}: test accuracy {accuracy:.4f}   "
-            f"max|U^T U - I| {error:.2e}   ({seconds:.1f} s)"
+            f"{name:>5}: test accuracy {accuracy.mean():.4f} "
+            f"+- {accuracy.std():.4f}   max|U^T U - I| {error:.1e}"
         )
-
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        for name, errors in histories.items():
-            plt.semilogy(range(1, len(errors) + 1), errors, label=name)
-        plt.xlabel("epoch")
-        plt.ylabel("max |U^T U - I| of the Stiefel kernel")
-        plt.legend()
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, args.plot)
-        plt.savefig(path, dpi=120)
-        print(f"plot saved to {path}")
 
 
 if __name__ == "__main__":

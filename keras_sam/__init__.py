@@ -1,6 +1,7 @@
 """keras-sam: sharpness-aware training for Keras 3."""
 
 from keras_sam import manifolds
+from keras_sam import layers
 from keras_sam import optimizers
 from keras_sam import callbacks
 from keras_sam import sharpness

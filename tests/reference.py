@@ -545,4 +545,78 @@ def train_sampa(params, batches, loss_and_grads, rho, lam, lr, momentum=0.0):
         _, g_y = loss_and_grads(y_next, x, y)
         g = [(1 - lam) * a + lam * b for a, b in zip(g_adv, g_y)]
         params, velocity = sgd_step(params, g, velocity, lr, momentum)
+
+# R-Stiefel layers and RSAM with a canonical metric and per-group radii
+# (issue 17). A StiefelDense kernel is U diag(s), U^T U = I. The canonical
+# metric of Stiefel is the ambient metric D_U = I - U U^T / 2, under which
+# the Riemannian gradient of G is P_U(D_U^-1 G) = G - U G^T U.
+
+
+def stiefel_dense_forward(u, s, b, x, activation=None):
+    """activation(x (U diag(s)) + b)."""
+    out = x @ (u * s) + b
+    return out if activation is None else activation(out)
+
+
+def stiefel_conv_forward(u, s, b, x, padding_left=None):
+    """Channels-last stride-1 convolution with kernel U diag(s), via patches.
+
+    Returns (n, positions, filters); `padding_left` pads before 'valid'.
+    """
+    kernel = u * s
+    patches = conv_patches(x, kernel.shape[:2], pad_left=padding_left)
+    out = patches @ kernel.reshape(-1, kernel.shape[-1]) + b
+    return out.reshape(x.shape[0], -1, kernel.shape[-1])
+
+
+def stiefel_canonical_grad(u, g):
+    """Riemannian gradient under the canonical metric: G - U G^T U."""
+    um, gm = _as_matrix(u), _as_matrix(g)
+    return (gm - um @ gm.T @ um).reshape(g.shape)
+
+
+def stiefel_canonical_inner(u, a, b):
+    """tr(A^T (I - U U^T / 2) B)."""
+    um, am, bm = _as_matrix(u), _as_matrix(a), _as_matrix(b)
+    return float(np.sum(am * bm) - 0.5 * np.sum((um.T @ am) * (um.T @ bm)))
+
+
+def stiefel_mlp_loss_and_grads(params, x, y):
+    """`tanh(x U diag(s) + b1) W2 + b2` with MSE; params [U, s, b1, W2, b2]."""
+    u, s, b1, w2, b2 = params
+    loss, (g_k, g_b1, g_w2, g_b2) = mlp_loss_and_grads(
+        [u * s, b1, w2, b2], x, y
+    )
+    return loss, [g_k * s, np.sum(g_k * u, axis=0), g_b1, g_w2, g_b2]
+
+
+def train_rsam_stiefel_layer(params, batches, rho, flat_rho, lr):
+    """RSAM with plain SGD on [U, s, b1, W2, b2], U on Stiefel (canonical).
+
+    Per step: g at w; xi_U = G_U - U G_U^T U, xi = g on flat variables;
+    eps = rho xi / ||xi|| over all variables (flat_rho None), or
+    eps_U = rho xi_U / ||xi_U||_c and eps_flat = flat_rho g / ||g_flat||;
+    g_adv at (qf(U + eps_U), w + eps); U = qf(U - lr (G'_U - U G'^T_U U)),
+    w = w - lr g_adv on the flat variables.
+    """
+    params = [np.array(p, dtype=np.float64) for p in params]
+    for x, y in batches:
+        _, g = stiefel_mlp_loss_and_grads(params, x, y)
+        u = params[0]
+        xi = [stiefel_canonical_grad(u, g[0])] + list(g[1:])
+        sq_u = stiefel_canonical_inner(u, xi[0], xi[0])
+        sq_flat = sum(float(np.sum(v * v)) for v in xi[1:])
+        if flat_rho is None:
+            scale_u = scale_flat = rho / (np.sqrt(sq_u + sq_flat) + EPS)
+        else:
+            scale_u = rho / (np.sqrt(sq_u) + EPS)
+            scale_flat = flat_rho / (np.sqrt(sq_flat) + EPS)
+        w_adv = [stiefel_retract(u, scale_u * xi[0])] + [
+            w + scale_flat * v for w, v in zip(params[1:], xi[1:])
+        ]
+        _, g_adv = stiefel_mlp_loss_and_grads(w_adv, x, y)
+        step_u = -lr * stiefel_canonical_grad(u, g_adv[0])
+        params = [stiefel_retract(u, step_u)] + [
+            w - lr * ga for w, ga in zip(params[1:], g_adv[1:])
+        ]
     return params

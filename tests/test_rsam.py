@@ -539,3 +539,188 @@ def test_unmatched_keys_and_conflicting_manifolds():
     optimizer = keras_sam.optimizers.RSAM(manifold={"hidden": "sphere"})
     with pytest.raises(ValueError, match="'.*hidden/kernel' is mapped to"):
         optimizer.build(model.trainable_variables)
+
+
+# ---------------------------------------------------------------------------
+# R-Stiefel layers (issue 17): the canonical metric, per-group radii.
+
+
+def _stiefel_mlp(params=None, **kwargs):
+    """`tanh(x U diag(s) + b1) W2 + b2`, U in a StiefelDense "hidden"."""
+    model = keras.Sequential(
+        [
+            keras.Input((D_IN,)),
+            keras_sam.layers.StiefelDense(
+                D_HIDDEN, activation="tanh", name="hidden", **kwargs
+            ),
+            keras.layers.Dense(D_OUT, name="out"),
+        ]
+    )
+    if params is not None:
+        model.set_weights([np.asarray(p, dtype="float32") for p in params])
+    return model
+
+
+def _stiefel_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        reference.qf(rng.normal(size=(D_IN, D_HIDDEN))),
+        1.0 + 0.3 * rng.normal(size=(D_HIDDEN,)),
+        0.1 * rng.normal(size=(D_HIDDEN,)),
+        0.5 * rng.normal(size=(D_HIDDEN, D_OUT)),
+        0.1 * rng.normal(size=(D_OUT,)),
+    ]
+
+
+def test_canonical_metric_gradient_and_inner():
+    rng = np.random.default_rng(3)
+    u = reference.qf(rng.normal(size=(6, 3))).astype("float32")
+    g = rng.normal(size=(6, 3)).astype("float32")
+    z = reference.stiefel_project(u, rng.normal(size=(6, 3)))  # tangent
+    z = z.astype("float32")
+    stiefel = manifolds.Stiefel(metric="canonical")
+    xi = ops.convert_to_numpy(stiefel.riemannian_gradient(u, g))
+    np.testing.assert_allclose(
+        xi, reference.stiefel_canonical_grad(u, g), atol=1e-5
+    )
+    # Tangent, and the gradient of the metric: <xi, Z>_c = <G, Z>.
+    sym = u.T @ xi + xi.T @ u
+    assert np.abs(sym).max() < 1e-5
+    inner = float(ops.convert_to_numpy(stiefel.inner(u, xi, z)))
+    np.testing.assert_allclose(inner, np.sum(g * z), rtol=1e-5)
+    np.testing.assert_allclose(
+        inner, reference.stiefel_canonical_inner(u, xi, z), rtol=1e-5
+    )
+    # The Euclidean metric is the projection.
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(manifolds.Stiefel().riemannian_gradient(u, g)),
+        reference.stiefel_project(u, g),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("flat_rho", [None, 0.02])
+def test_stiefel_dense_steps_match_reference(flat_rho):
+    params = _stiefel_params()
+    x, y = _data(24)
+    model = keras_sam.SAMModel(_stiefel_mlp(params))
+    model.compile(
+        optimizer=keras_sam.optimizers.RSAM(_sgd(), rho=0.3, flat_rho=flat_rho),
+        loss="mse",
+    )
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    got = [np.asarray(w) for w in model.model.get_weights()]
+    batches = [
+        (x[i : i + 8].astype("float64"), y[i : i + 8].astype("float64"))
+        for i in range(0, 24, 8)
+    ]
+    expected = reference.train_rsam_stiefel_layer(
+        params, batches, rho=0.3, flat_rho=flat_rho, lr=0.1
+    )
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=2e-5, rtol=1e-4)
+    assert _orthonormality_error(got[0]) < 1e-5
+
+
+def test_rho_zero_is_riemannian_sgd_and_groups_differ():
+    params = _stiefel_params(1)
+    x, y = _data(24, seed=4)
+    batches = [
+        (x[i : i + 8].astype("float64"), y[i : i + 8].astype("float64"))
+        for i in range(0, 24, 8)
+    ]
+
+    def fit(**kwargs):
+        model = keras_sam.SAMModel(_stiefel_mlp(params))
+        model.compile(
+            optimizer=keras_sam.optimizers.RSAM(_sgd(), **kwargs), loss="mse"
+        )
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return [np.asarray(w) for w in model.model.get_weights()]
+
+    # rho = 0: Riemannian SGD, G - U G^T U retracted by QR.
+    rsgd = reference.train_rsam_stiefel_layer(params, batches, 0.0, 0.0, 0.1)
+    for g, e in zip(fit(rho=0.0, flat_rho=0.0), rsgd):
+        np.testing.assert_allclose(g, e, atol=2e-6, rtol=1e-5)
+    # flat_rho = 0 perturbs U only: the flat variables' radius matters.
+    only_u = fit(rho=0.3, flat_rho=0.0)
+    both = fit(rho=0.3, flat_rho=0.3)
+    assert np.abs(only_u[3] - both[3]).max() > 1e-4
+    assert np.abs(only_u[0] - rsgd[0]).max() > 1e-4
+
+
+def test_eps_per_group_has_its_radius():
+    model = _stiefel_mlp(_stiefel_params(2))
+    optimizer = keras_sam.optimizers.RSAM("sgd", rho=0.3, flat_rho=0.07)
+    variables = model.trainable_variables
+    optimizer.build(variables)
+    rng = np.random.default_rng(5)
+    grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    eps = [
+        ops.convert_to_numpy(e).astype(np.float64)
+        for e in optimizer.perturbation(grads, variables)
+    ]
+    u = ops.convert_to_numpy(variables[0]).astype(np.float64)
+    norm_u = np.sqrt(reference.stiefel_canonical_inner(u, eps[0], eps[0]))
+    np.testing.assert_allclose(norm_u, 0.3, rtol=1e-5)
+    norm_flat = np.sqrt(sum(np.sum(e**2) for e in eps[1:]))
+    np.testing.assert_allclose(norm_flat, 0.07, rtol=1e-5)
+    assert np.abs(u.T @ eps[0] + eps[0].T @ u).max() < 1e-5  # tangent
+    np.testing.assert_allclose(
+        eps[0] / np.abs(eps[0]).max(),
+        reference.stiefel_canonical_grad(u, grads[0])
+        / np.abs(reference.stiefel_canonical_grad(u, grads[0])).max(),
+        atol=1e-5,
+    )
+    optimizer.flat_rho.assign(0.0)
+    eps = optimizer.perturbation(grads, variables)
+    assert all(np.abs(ops.convert_to_numpy(e)).max() == 0 for e in eps[1:])
+
+
+def test_flat_rho_validation_and_stiefel_layer_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="flat_rho"):
+        keras_sam.optimizers.RSAM("sgd", flat_rho=-0.1)
+    with pytest.raises(ValueError, match="flat_rho"):
+        keras_sam.optimizers.RSAM(
+            "sgd",
+            rho=keras_sam.LearnedRadius(
+                validation_data=(np.zeros((2, 1)),) * 2
+            ),
+            flat_rho=0.1,
+        )
+    with pytest.raises(ValueError, match="`metric`"):
+        manifolds.Stiefel(metric="fisher")
+
+    x, y = _data(64, seed=6)
+    model = keras_sam.SAMModel(_stiefel_mlp(seed=1))
+    model.compile(
+        optimizer=keras_sam.optimizers.RSAM(
+            keras.optimizers.SGD(0.1, momentum=0.9), rho=0.2, flat_rho=0.05
+        ),
+        loss="mse",
+    )
+    history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    assert history.history["flat_rho"][-1] == pytest.approx(0.05)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert (
+        _orthonormality_error(ops.convert_to_numpy(model.model.layers[0].u))
+        < 1e-5
+    )
+    path = str(tmp_path / "stiefel_rsam.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    assert loaded.optimizer.get_config()["flat_rho"] == 0.05
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert (
+        _orthonormality_error(ops.convert_to_numpy(loaded.model.layers[0].u))
+        < 1e-5
+    )

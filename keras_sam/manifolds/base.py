@@ -41,6 +41,22 @@ class Manifold:
         """Maps a point near the manifold onto it (used by constraints)."""
         raise NotImplementedError
 
+    # A manifold with a metric of its own (not the ambient Euclidean one)
+    # sets this; `RSAM` then uses `riemannian_gradient` and `inner` for its
+    # variables instead of its diagonal `metric`.
+    has_metric = False
+
+    def riemannian_gradient(self, point, grad):
+        """The Riemannian gradient at `point` of a Euclidean gradient.
+
+        With the ambient (Euclidean) metric it is the tangent projection.
+        """
+        return self.project(point, grad)
+
+    def inner(self, point, u, v):
+        """Scalar tensor: the metric's inner product of tangents `u`, `v`."""
+        return ops.sum(ops.multiply(u, v))
+
     def error(self, point):
         """Scalar tensor: how far `point` is from the manifold (0 on it)."""
         raise NotImplementedError

@@ -40,6 +40,7 @@ def _polar(a):
 
 
 _RETRACTIONS = ("qr", "polar")
+_METRICS = ("euclidean", "canonical")
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -56,11 +57,26 @@ class Stiefel(Manifold):
            | (U + u) ((U + u)^T (U + u))^-1/2      # retraction="polar"
     ```
 
+    The metric on the tangent space is the Euclidean one of the ambient
+    space by default, under which the Riemannian gradient of a Euclidean
+    gradient `G` is `P_U(G)`. `metric="canonical"` takes the canonical
+    metric of the Stiefel manifold, the ambient metric
+    `D_U = I - U U^T / 2` (`D_U^-1 = I + U U^T`):
+
+    ```
+    <Z1, Z2>_U = tr(Z1^T (I - U U^T / 2) Z2)
+    grad f(U)  = P_U(D_U^-1 G) = G - U G^T U
+    ```
+
+    `RSAM` uses this metric for the perturbation (direction and norm) and
+    for the pulled-back gradient of its descent step.
+
     Args:
         retraction: `"qr"` or `"polar"` (the closest orthonormal matrix,
             through an SVD; slower). Defaults to `"qr"`.
         tolerance: Float > 0, the largest `max |U^T U - I|` accepted at
             build time. Defaults to `1e-4`.
+        metric: `"euclidean"` or `"canonical"`. Defaults to `"euclidean"`.
 
     Example:
 
@@ -76,10 +92,16 @@ class Stiefel(Manifold):
 
     name = "stiefel"
 
-    def __init__(self, retraction="qr", tolerance=1e-4):
+    def __init__(self, retraction="qr", tolerance=1e-4, metric="euclidean"):
         super().__init__(tolerance=tolerance)
         check_choice("retraction", retraction, _RETRACTIONS)
+        check_choice("metric", metric, _METRICS)
         self.retraction = retraction
+        self.metric = metric
+
+    @property
+    def has_metric(self):
+        return self.metric == "canonical"
 
     @staticmethod
     def _as_matrix(x):
@@ -93,6 +115,27 @@ class Stiefel(Manifold):
         sym = ops.multiply(ops.add(utv, ops.transpose(utv)), 0.5)
         return ops.reshape(
             ops.subtract(v, ops.matmul(u, sym)), ops.shape(vector)
+        )
+
+    def riemannian_gradient(self, point, grad):
+        if self.metric != "canonical":
+            return self.project(point, grad)
+        # grad f(U) = G - U G^T U, tangent at U.
+        u = self._as_matrix(point)
+        g = self._as_matrix(grad)
+        ugu = ops.matmul(u, ops.matmul(ops.transpose(g), u))
+        return ops.reshape(ops.subtract(g, ugu), ops.shape(grad))
+
+    def inner(self, point, a, b):
+        euclidean = ops.sum(ops.multiply(a, b))
+        if self.metric != "canonical":
+            return euclidean
+        # tr(A^T (I - U U^T / 2) B) = <A, B> - <U^T A, U^T B> / 2.
+        u = self._as_matrix(point)
+        uta = ops.matmul(ops.transpose(u), self._as_matrix(a))
+        utb = ops.matmul(ops.transpose(u), self._as_matrix(b))
+        return ops.subtract(
+            euclidean, ops.multiply(ops.sum(ops.multiply(uta, utb)), 0.5)
         )
 
     def restore(self, point):
@@ -122,6 +165,7 @@ class Stiefel(Manifold):
     def get_config(self):
         config = super().get_config()
         config["retraction"] = self.retraction
+        config["metric"] = self.metric
         return config
 
 

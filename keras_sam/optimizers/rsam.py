@@ -6,12 +6,14 @@ from keras import ops
 from keras_sam import manifolds as sam_manifolds
 from keras_sam._validation import check_choice
 from keras_sam._validation import check_float
+from keras_sam._validation import check_rho
 from keras_sam.optimizers import manifold_keys
 from keras_sam.optimizers.sam import SAM
 from keras_sam.optimizers.sam import is_weight_like
 
 _METRICS = ("identity", "adaptive", "fisher")
 _FISHER_TINY = 1e-30
+_NORM_EPSILON = 1e-12
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -30,6 +32,23 @@ class RSAM(SAM):
     g_adv = P_w(grad L(R_w(eps)))        # pulled back to the tangent space at w
     w     = R_w(inner_optimizer.update(w, g_adv) - w)
     ```
+
+    With `flat_rho` set, the manifold variables (`M`) and the flat
+    (Euclidean) ones (`E`) are two groups, each perturbed with its own
+    radius and normalized by its own norm, as when the paper trains the
+    Stiefel factor with RSAM and the rest of the network with SAM:
+
+    ```
+    eps_M = rho      * xi_M / (||xi_M||_D + 1e-12)
+    eps_E = flat_rho * xi_E / (||xi_E||_D + 1e-12)
+    ```
+
+    A manifold with a metric of its own (`Stiefel(metric="canonical")`,
+    the default of `keras_sam.layers.StiefelDense`/`StiefelConv2D`) uses it
+    in place of `D` for its variables, both in the ascent (`xi` is its
+    Riemannian gradient, the norm its inner product) and in the descent
+    (`g_adv` is pulled back as its Riemannian gradient at `w`,
+    `G - U G^T U` for the canonical metric), as in the paper's Algorithm 1.
 
     Metrics: `"identity"` (`D = I`), `"adaptive"` (ASAM's `D = T^-2`,
     `T = |w| + eta` on weight-like variables, `1` on biases) and `"fisher"`
@@ -50,7 +69,9 @@ class RSAM(SAM):
     and every constrained variable must fit its manifold and lie on it (the
     last check needs concrete values: Keras' TensorFlow loop builds the
     optimizer inside its first trace, so call `optimizer.build(
-    model.trainable_variables)` first to have it there too). On the plain
+    model.trainable_variables)` first to have it there too). The factor
+    `U` of the layers in `keras_sam.layers` carries such a constraint, so
+    RSAM finds it with no `manifold=` entry. On the plain
     steps of `sam_every > 1` the inner optimizer gets the Euclidean
     gradient; the retraction still keeps each variable on its manifold.
 
@@ -58,8 +79,17 @@ class RSAM(SAM):
         optimizer: The inner optimizer: a `keras.optimizers.Optimizer`
             instance or a name/config accepted by `keras.optimizers.get`.
             Defaults to `"sgd"`.
-        rho: Float >= 0, the radius of the neighbourhood in the metric `D`.
+        rho: Float >= 0, the radius of the neighbourhood in the metric `D`:
+            of all variables, or, with `flat_rho` set, of the manifold
+            variables only. `rho=0` (and `flat_rho=0`) is exactly the inner
+            optimizer made Riemannian: Riemannian SGD around SGD.
             Defaults to `0.05`.
+        flat_rho: Optional float >= 0, the radius of the flat (Euclidean)
+            variables, normalized apart from the manifold ones. `0` leaves
+            them unperturbed (plain inner optimizer on them). Cannot be
+            combined with a `keras_sam.LearnedRadius` `rho`. Stored as a
+            non-trainable variable. Defaults to `None` (one neighbourhood
+            of radius `rho` over all variables).
         manifold: Optional dict (or list of pairs) mapping layer names,
             variable paths or predicates to manifolds. Defaults to `None`
             (all Euclidean, apart from declared constraints).
@@ -82,6 +112,10 @@ class RSAM(SAM):
     >>> optimizer = keras_sam.optimizers.RSAM(
     ...     keras.optimizers.SGD(0.05, momentum=0.9), rho=0.05,
     ...     manifold={"dense": "sphere"}, metric="identity")
+    >>> # The paper's setting: a Stiefel layer, its own radius for U.
+    >>> layer = keras_sam.layers.StiefelConv2D(32, 3, padding="same")
+    >>> optimizer = keras_sam.optimizers.RSAM(
+    ...     keras.optimizers.SGD(0.05, momentum=0.9), rho=0.5, flat_rho=0.05)
 
     References:
         - Truong et al., RSAM: Learning on Manifolds with Riemannian
@@ -97,6 +131,7 @@ class RSAM(SAM):
         optimizer="sgd",
         rho=0.05,
         manifold=None,
+        flat_rho=None,
         metric="identity",
         eta=0.01,
         damping=1e-3,
@@ -109,7 +144,25 @@ class RSAM(SAM):
         damping = check_float("damping", damping, low=0.0, low_open=True)
         fisher_decay = check_float("fisher_decay", fisher_decay, 0.0, 1.0)
         spec = manifold_keys.spec(manifold)
+        if flat_rho is not None:
+            flat_rho = check_rho(flat_rho, "flat_rho")
         super().__init__(optimizer, rho=rho, name=name, **kwargs)
+        if flat_rho is not None and self.radius is not None:
+            raise ValueError(
+                "`flat_rho` cannot be combined with a learned radius "
+                "(`rho=keras_sam.LearnedRadius(...)`), which learns one "
+                f"radius for all variables. Received: flat_rho={flat_rho}"
+            )
+        self.initial_flat_rho = flat_rho
+        self.flat_rho = None
+        if flat_rho is not None:
+            self.flat_rho = self.add_variable(
+                shape=(),
+                initializer=keras.initializers.Constant(flat_rho),
+                dtype="float32",
+                aggregation="only_first_replica",
+                name="flat_rho",
+            )
         self.manifold_spec = spec
         self.metric = metric
         self.eta = eta
@@ -200,6 +253,78 @@ class RSAM(SAM):
             ops.add(ops.multiply(self.fisher_weight, decay), 1.0 - decay)
         )
 
+    # ---- the perturbation: per-manifold metrics, per-group radii ----
+
+    def _direction(self, variable, value, grad):
+        """xi = P_w(D^-1 g) and ||xi||^2 in the variable's metric."""
+        m = self.manifold_of(variable)
+        if m.has_metric:
+            xi = m.riemannian_gradient(value, grad)
+            return xi, m.inner(value, xi, xi)
+        d_inv, d = self._metric(variable, value, grad)
+        xi = grad if d_inv is None else ops.multiply(d_inv, grad)
+        xi = m.project(value, xi)
+        xi_d = xi if d is None else ops.multiply(d, xi)
+        return xi, ops.sum(ops.multiply(xi, xi_d))
+
+    def perturbation(self, grads, trainable_variables, values=None):
+        """eps per variable: `rho * xi / (||xi||_D + 1e-12)` per group.
+
+        One group (all variables, radius `rho`) unless `flat_rho` is set;
+        then the manifold variables (radius `rho`) and the flat ones
+        (radius `flat_rho`) are normalized apart. Arguments and return
+        value as in `SAM.perturbation`.
+        """
+        if values is None:
+            values = [v.value for v in trainable_variables]
+        xis, squares, flat = [], [], []
+        for g, v, w in zip(grads, trainable_variables, values):
+            if g is None:
+                xis.append(None)
+                continue
+            xi, square = self._direction(
+                v, ops.cast(w, "float32"), ops.cast(g, "float32")
+            )
+            xis.append(xi)
+            squares.append(square)
+            flat.append(
+                self.flat_rho is not None
+                and isinstance(self.manifold_of(v), sam_manifolds.Euclidean)
+            )
+        if not squares:
+            return xis
+
+        def scale(rho, group):
+            norm = ops.sqrt(ops.sum(ops.stack(group)))
+            return ops.divide(
+                ops.cast(rho, "float32"), ops.add(norm, _NORM_EPSILON)
+            )
+
+        curved = [s for s, f in zip(squares, flat) if not f]
+        flat_squares = [s for s, f in zip(squares, flat) if f]
+        scales = {
+            False: scale(self.rho, curved) if curved else None,
+            True: scale(self.flat_rho, flat_squares) if flat_squares else None,
+        }
+        eps, k = [], 0
+        for xi, w in zip(xis, values):
+            if xi is None:
+                eps.append(None)
+                continue
+            eps.append(ops.cast(ops.multiply(xi, scales[flat[k]]), w.dtype))
+            k += 1
+        return eps
+
+    def pull_back(self, grads, trainable_variables, values=None):
+        """g_adv at w: its Riemannian gradient where the manifold has a
+        metric of its own, else its tangent projection at w."""
+        if values is None:
+            values = [v.value for v in trainable_variables]
+        return [
+            None if g is None else self.manifold_of(v).riemannian_gradient(w, g)
+            for g, v, w in zip(grads, trainable_variables, values)
+        ]
+
     # ---- the three hooks of the perturbation ----
 
     def _metric(self, variable, value, grad):
@@ -243,6 +368,7 @@ class RSAM(SAM):
                     for key, m in self.manifold_spec
                 ]
                 or None,
+                "flat_rho": self.initial_flat_rho,
                 "metric": self.metric,
                 "eta": self.eta,
                 "damping": self.damping,
@@ -250,3 +376,9 @@ class RSAM(SAM):
             }
         )
         return config
+
+    def log_values(self):
+        values = super().log_values()
+        if self.flat_rho is not None:
+            values["flat_rho"] = self.flat_rho
+        return values
