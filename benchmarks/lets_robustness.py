@@ -19,7 +19,9 @@ writes `lets_robustness.json` and `lets_robustness.md` to `--out`.
 """
 
 import argparse
+import concurrent.futures
 import datetime
+import multiprocessing
 import json
 import os
 import sys
@@ -83,6 +85,24 @@ def run(splits, initial, rho, args, update=None):
     return float(accuracy), float(keras.ops.convert_to_numpy(optimizer.rho))
 
 
+def task(job):
+    """One run in a worker process: (key, seed, accuracy, final rho)."""
+    key, seed, args = job
+    method, rho = key.split("@")
+    keras.utils.set_random_seed(seed)
+    splits = make_splits("digits", args.noise, seed)
+    initial = mlp().get_weights()
+    update = None if method == "sam" else method
+    start = time.time()
+    acc, final = run(splits, initial, float(rho), args, update)
+    print(
+        f"{key:<22} seed {seed}: acc {acc:.4f} rho {final:.4g} "
+        f"({time.time() - start:.0f} s)",
+        flush=True,
+    )
+    return key, seed, acc, final
+
+
 def stats(values):
     return float(np.mean(values)), float(np.std(values))
 
@@ -101,6 +121,9 @@ def main(argv=None):
     parser.add_argument(
         "--rho-lr-paper", default="100,1000", help="comma-separated"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="worker processes"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="lets_results")
     args = parser.parse_args(argv)
@@ -108,41 +131,38 @@ def main(argv=None):
         args.seeds, args.epochs, args.sweep = 1, 1, "0.05,0.5"
     os.makedirs(args.out, exist_ok=True)
     seeds = list(range(args.seeds))
-    splits, initials = {}, {}
-    for seed in seeds:
-        splits[seed] = make_splits("digits", args.noise, seed)
-        keras.utils.set_random_seed(seed)
-        initials[seed] = mlp().get_weights()
+    results = {}  # "method@rho" -> list of (accuracy, final rho)
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=context
+    )
 
-    results = {}  # (method, start rho) -> list of (accuracy, final rho)
-
-    def measure(method, rho):
-        key = f"{method}@{rho:g}"
-        if key in results:
-            return
-        results[key] = []
-        for seed in seeds:
-            start = time.time()
-            update = None if method == "sam" else method
-            acc, final = run(splits[seed], initials[seed], rho, args, update)
-            results[key].append((acc, final))
-            print(
-                f"{key:<22} seed {seed}: acc {acc:.4f} rho {final:.4g} "
-                f"({time.time() - start:.0f} s)",
-                flush=True,
-            )
+    def measure(keys):
+        jobs = [(k, seed, args) for k in keys if k not in results for seed in seeds]
+        out = {}
+        if args.jobs == 1:
+            done = map(task, jobs)
+        else:
+            done = pool.map(task, jobs)
+        for key, seed, acc, final in done:
+            out.setdefault(key, {})[seed] = (acc, final)
+        for key, by_seed in out.items():
+            results[key] = [by_seed[seed] for seed in seeds]
 
     sweep = [float(r) for r in args.sweep.split(",")]
-    for rho in sweep:
-        measure("sam", rho)
+    measure([f"sam@{rho:g}" for rho in sweep])
     best = max(
         sweep, key=lambda r: np.mean([a for a, _ in results[f"sam@{r:g}"]])
     )
     starts = [0.01 * best, 10.0 * best]
-    for rho in starts:
-        measure("sam", rho)
-        for update in updates(args):
-            measure(update, rho)
+    measure(
+        [
+            f"{method}@{rho:g}"
+            for rho in starts
+            for method in ["sam"] + list(updates(args))
+        ]
+    )
+    pool.shutdown()
 
     rows = []
     for key, values in results.items():
