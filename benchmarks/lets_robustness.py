@@ -14,7 +14,7 @@ setup of `benchmarks/accuracy.py`: 64-256-256-10 MLP, SGD 0.05 with momentum
 Reports the final rho and the clean test accuracy (mean, std over seeds) and
 writes `lets_robustness.json` and `lets_robustness.md` to `--out`.
 
-    python benchmarks/lets_robustness.py --out benchmarks/results
+    python benchmarks/lets_robustness.py --jobs 2 --out benchmarks/results
     python benchmarks/lets_robustness.py --quick
 """
 
@@ -114,7 +114,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--sweep", default="0.01,0.02,0.05,0.1,0.2,0.5,1.0")
+    parser.add_argument("--sweep", default="0.02,0.05,0.1,0.2,0.5,1.0")
     parser.add_argument(
         "--rho-lr-today", default="0.01", help="comma-separated"
     )
