@@ -133,10 +133,10 @@ def main():
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--check-every", type=int, default=20)
     parser.add_argument(
-        "--rho-unnormalized", default="0.5,1,2", help="comma-separated grid"
+        "--rho-unnormalized", default="0.2,0.5", help="comma-separated grid"
     )
     parser.add_argument(
-        "--rho-normalized", default="0.02,0.05,0.1", help="comma-separated"
+        "--rho-normalized", default="0.05,0.1", help="comma-separated"
     )
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
