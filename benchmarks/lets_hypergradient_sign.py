@@ -95,7 +95,9 @@ def agreement(rho, lr, steps, seed):
                 for name, d in dw.items():
                     agree[name].append(np.sign(gap * dv @ d) == np.sign(exact))
         p = sam_step(p, x, y, rho, lr)[0]
-    return {k: float(np.mean(v)) for k, v in agree.items()}, len(agree["secant"])
+    return {k: float(np.mean(v)) for k, v in agree.items()}, len(
+        agree["secant"]
+    )
 
 
 def main():

@@ -121,9 +121,7 @@ def main(argv=None):
     parser.add_argument(
         "--rho-lr-paper", default="100,1000", help="comma-separated"
     )
-    parser.add_argument(
-        "--jobs", type=int, default=1, help="worker processes"
-    )
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="lets_results")
     args = parser.parse_args(argv)
@@ -138,7 +136,9 @@ def main(argv=None):
     )
 
     def measure(keys):
-        jobs = [(k, seed, args) for k in keys if k not in results for seed in seeds]
+        jobs = [
+            (k, seed, args) for k in keys if k not in results for seed in seeds
+        ]
         out = {}
         if args.jobs == 1:
             done = map(task, jobs)

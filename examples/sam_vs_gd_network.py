@@ -141,8 +141,14 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     grids = {
-        "SAM (unnormalized)": ([float(r) for r in args.rho_unnormalized.split(",")], False),
-        "SAM (normalized)": ([float(r) for r in args.rho_normalized.split(",")], True),
+        "SAM (unnormalized)": (
+            [float(r) for r in args.rho_unnormalized.split(",")],
+            False,
+        ),
+        "SAM (normalized)": (
+            [float(r) for r in args.rho_normalized.split(",")],
+            True,
+        ),
     }
     names = ["GD"] + list(grids)
     rows = {name: [] for name in names}
@@ -155,7 +161,10 @@ def main():
         for name, (grid, normalize) in grids.items():
             # rho by validation loss: the test set plays no part in it
             best = min(
-                ((train(data, args, seed, rho, normalize), rho) for rho in grid),
+                (
+                    (train(data, args, seed, rho, normalize), rho)
+                    for rho in grid
+                ),
                 key=lambda run: run[0]["val_loss"],
             )
             runs[name] = best

@@ -369,12 +369,8 @@ class LearnedRadius:
             (1 - _BETA_2) * ops.square(d),
         )
         if self.rho_step == "normalized":
-            m_hat = ops.divide(
-                m, ops.subtract(1.0, ops.power(_BETA_1, count))
-            )
-            v_hat = ops.divide(
-                v, ops.subtract(1.0, ops.power(_BETA_2, count))
-            )
+            m_hat = ops.divide(m, ops.subtract(1.0, ops.power(_BETA_1, count)))
+            v_hat = ops.divide(v, ops.subtract(1.0, ops.power(_BETA_2, count)))
             step = ops.multiply(
                 self.learning_rate,
                 ops.divide(m_hat, ops.add(ops.sqrt(v_hat), _EPSILON)),
@@ -406,9 +402,11 @@ class LearnedRadius:
         `-lr g_adv * g_adv * deps/drho` ("diagonal")."""
         lr = ops.cast(optimizer.inner_optimizer.learning_rate, "float32")
         pairs = [
-            (None, None)
-            if g is None or g_adv is None
-            else (ops.cast(g, "float32"), ops.cast(g_adv, "float32"))
+            (
+                (None, None)
+                if g is None or g_adv is None
+                else (ops.cast(g, "float32"), ops.cast(g_adv, "float32"))
+            )
             for g, g_adv in zip(grads, grads_adv)
         ]
         if self.hypergradient == "secant":
@@ -422,14 +420,18 @@ class LearnedRadius:
             # deps/drho = g / ||g|| (normalized) or g (unnormalized).
             scale = ops.negative(lr)
             if getattr(optimizer, "normalize", True):
-                squares = [ops.sum(ops.square(g)) for g, _ in pairs if g is not None]
+                squares = [
+                    ops.sum(ops.square(g)) for g, _ in pairs if g is not None
+                ]
                 if squares:
                     norm = ops.sqrt(ops.sum(ops.stack(squares)))
                     scale = ops.divide(scale, ops.add(norm, 1e-12))
             values = [
-                None
-                if g is None
-                else ops.multiply(ops.multiply(ops.square(ga), g), scale)
+                (
+                    None
+                    if g is None
+                    else ops.multiply(ops.multiply(ops.square(ga), g), scale)
+                )
                 for g, ga in pairs
             ]
         for dw, value in zip(self.dw_drho, values):

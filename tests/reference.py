@@ -415,8 +415,8 @@ def lets_hypergradient_diagonal(
     unnormalized). Returns (dF/drho, gap)."""
     w1, g, g_adv = lets_step(params, x, y, rho, lr, loss_and_grads, eps_fn)
     norm = np.sqrt(sum(np.sum(g0**2) for g0 in g)) if normalize else 1.0
-    dw = [-lr * ga**2 * g0 / (norm + (EPS if normalize else 0.0))
-          for ga, g0 in zip(g_adv, g)]
+    norm = norm + (EPS if normalize else 0.0)
+    dw = [-lr * ga**2 * g0 / norm for ga, g0 in zip(g_adv, g)]
     loss_v, g_v = loss_and_grads(w1, xv, yv)
     loss_t, g_t = loss_and_grads(w1, x, y)
     gap = loss_v - loss_t

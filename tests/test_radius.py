@@ -188,7 +188,13 @@ def test_diagonal_hypergradient_is_exact_when_the_hessian_is_g_squared(
 
     eps = reference.sam_eps if normalize else reference.sam_eps_unnormalized
     args = (
-        [w0[:, None]], x, y, x, yv, rho, lr,
+        [w0[:, None]],
+        x,
+        y,
+        x,
+        yv,
+        rho,
+        lr,
         reference.log_barrier_loss_and_grads,
         lambda params, g, r: eps(g, r),
     )
@@ -219,7 +225,9 @@ def test_diagonal_hypergradient_on_an_mlp_matches_reference():
     _fit(model, np.concatenate([x, x]), np.concatenate([y, y]), 16)
     args = (params, x, y, xv, yv, RHO, LR, reference.mlp_loss_and_grads)
     approx, _ = reference.lets_hypergradient_diagonal(*args, _eps_fn("sam"))
-    np.testing.assert_allclose(float(radius.rho_grad.numpy()), approx, rtol=2e-3)
+    np.testing.assert_allclose(
+        float(radius.rho_grad.numpy()), approx, rtol=2e-3
+    )
 
 
 def test_secant_hypergradient_with_unnormalized_sam():

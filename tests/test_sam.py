@@ -410,17 +410,24 @@ def test_unnormalized_perturbation_is_rho_times_xi():
     grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
     values = [keras.ops.convert_to_numpy(v) for v in variables]
     cases = [
-        (optimizers.SAM("sgd", rho=0.3, normalize=False),
-         reference.sam_eps_unnormalized(grads, 0.3)),
-        (optimizers.ASAM("sgd", rho=0.3, eta=0.01, normalize=False),
-         reference.asam_eps_unnormalized(
-             values, grads, 0.3, 0.01, [True, False])),
+        (
+            optimizers.SAM("sgd", rho=0.3, normalize=False),
+            reference.sam_eps_unnormalized(grads, 0.3),
+        ),
+        (
+            optimizers.ASAM("sgd", rho=0.3, eta=0.01, normalize=False),
+            reference.asam_eps_unnormalized(
+                values, grads, 0.3, 0.01, [True, False]
+            ),
+        ),
     ]
     if hasattr(optimizers, "RSAM"):
         # Euclidean/identity RSAM is SAM, unnormalized too.
         cases.append(
-            (optimizers.RSAM("sgd", rho=0.3, normalize=False),
-             reference.sam_eps_unnormalized(grads, 0.3))
+            (
+                optimizers.RSAM("sgd", rho=0.3, normalize=False),
+                reference.sam_eps_unnormalized(grads, 0.3),
+            )
         )
     for sam, want in cases:
         eps = sam.perturbation(grads, variables)
@@ -467,9 +474,9 @@ def test_unnormalized_fit_matches_numpy_reference(variant):
         eta=0.01,
         weight_like=[True, False, True, False],
     )
-    assert max(
-        np.max(np.abs(a - b)) for a, b in zip(expected, normalized)
-    ) > 1e-4
+    assert (
+        max(np.max(np.abs(a - b)) for a, b in zip(expected, normalized)) > 1e-4
+    )
 
 
 def test_unnormalized_rho_zero_is_exactly_the_inner_optimizer():
