@@ -18,8 +18,22 @@ by full-batch SAM on noisy labels from a teacher network. Here:
 
 The test error is the mean squared distance to the noiseless teacher.
 
-Runs in about two minutes on 2 CPU cores with the defaults; pick the
-backend with KERAS_BACKEND.
+Printed by the defaults (TensorFlow, 3 seeds; test error mean +- s.e.):
+
+    method              oracle error     validated error  top eig.  trace
+    GD                  0.1359 +- 0.0116 0.1361 +- 0.0116  7.70     86.97
+    SAM (unnormalized)  0.1253 +- 0.0126 0.1324 +- 0.0096  5.40     66.11
+    SAM (normalized)    0.1345 +- 0.0115 0.1625 +- 0.0181  5.51     76.93
+
+Unnormalized SAM (rho 0.5 picked on every seed) beats GD under oracle
+stopping on 3/3 seeds (-0.0107 +- 0.0020), under validated stopping on 2/3
+(-0.0037 +- 0.0067: within noise); normalized SAM is even with GD under
+oracle stopping and worse under validated stopping. Both SAM solutions are
+flatter than GD's (lower top eigenvalue and trace on 3/3 seeds).
+
+Runs in a few minutes on 2 CPU cores with the defaults (13 minutes when
+the 2 cores were shared by several other jobs); pick the backend with
+KERAS_BACKEND.
 
     python examples/sam_vs_gd_network.py
     python examples/sam_vs_gd_network.py --seeds 10 --steps 3000
