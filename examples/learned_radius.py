@@ -20,6 +20,9 @@ the backend with KERAS_BACKEND.
     python examples/learned_radius.py
     python examples/learned_radius.py --epochs 60 --rho-small 0.002 \\
         --rho-large 2.0 --rho-lr 0.01 --out-dir /tmp/lets
+    # the paper's upper-level update (diagonal Hessian, plain rho step)
+    python examples/learned_radius.py --hypergradient diagonal \\
+        --rho-step plain --rho-lr 1000
 """
 
 import argparse
@@ -101,6 +104,9 @@ def run(rho, learned, data, args):
             bounds=(1e-4, 5.0),
             batch_size=args.batch_size,
             seed=args.seed,
+            hypergradient=args.hypergradient,
+            rho_step=args.rho_step,
+            validation_mode=args.validation_mode,
         )
     model = keras_sam.SAMModel(build_model(args.seed))
     model.compile(
@@ -166,7 +172,25 @@ def main():
         "--rho-lr",
         type=float,
         default=0.005,
-        help="learning rate of log rho (LETS)",
+        help="LearnedRadius' learning_rate (of log rho when normalized)",
+    )
+    parser.add_argument(
+        "--hypergradient",
+        choices=("secant", "diagonal"),
+        default="secant",
+        help="dw/drho: secant (default) or the paper's diagonal Hessian",
+    )
+    parser.add_argument(
+        "--rho-step",
+        choices=("normalized", "plain"),
+        default="normalized",
+        help="Adam-normalized log-rho step or the paper's plain rho step",
+    )
+    parser.add_argument(
+        "--validation-mode",
+        choices=("training", "inference"),
+        default="training",
+        help="mode of the validation pass (training: as the train loss)",
     )
     parser.add_argument("--update-every", type=int, default=1)
     parser.add_argument("--label-noise", type=float, default=0.3)

@@ -28,9 +28,10 @@ class StepState:
         return StepState(**values)
 
 
-def loss_fn(model, state, batch, training):
+def loss_fn(model, state, batch, training, scale=None):
     """`(scaled loss, (loss, y_pred, new non-trainable, new metrics))` of
-    `model` at `state.trainable` on `batch`, assigning nothing."""
+    `model` at `state.trainable` on `batch`, assigning nothing. The loss is
+    scaled when `scale` (default: `training`) holds."""
     x, y, sample_weight = batch
     mapping = parts.Stateless(
         model.trainable_variables
@@ -49,7 +50,11 @@ def loss_fn(model, state, batch, training):
             sample_weight=sample_weight,
             training=training,
         )
-        scaled = model.optimizer.scale_loss(loss) if training else loss
+        scaled = (
+            model.optimizer.scale_loss(loss)
+            if (training if scale is None else scale)
+            else loss
+        )
         return scaled, loss, y_pred
 
     (scaled, loss, y_pred), values = mapping.run(
@@ -62,11 +67,13 @@ def loss_fn(model, state, batch, training):
     return scaled, (loss, y_pred, values[start:middle], values[middle:end])
 
 
-def grad(model, state, batch, training=True):
+def grad(model, state, batch, training=True, scale=None):
     """`(loss, y_pred, non_trainable, metrics), grads` at `state`."""
 
     def fn(w):
-        return loss_fn(model, state.replace(trainable=w), batch, training)
+        return loss_fn(
+            model, state.replace(trainable=w), batch, training, scale
+        )
 
     (_, aux), grads = backend.grad_and_aux(fn, state.trainable)
     return aux, grads
@@ -146,9 +153,11 @@ def poison(flag, grads):
 
 def auxiliary(model, state, hooks):
     """`[(loss, grads)]` of the optimizer's auxiliary batches at w
-    (inference mode, unscaled), or zeros without running them when the
-    optimizer says they are not due."""
+    (unscaled; in training mode, its state updates dropped, when
+    `sam.auxiliary_training()`, else in inference mode), or zeros without
+    running them when the optimizer says they are not due."""
     sam = model.sam_optimizer
+    training = bool(sam.auxiliary_training())
     (batches, due), _ = hooks.run(
         state.optimizer, lambda: (sam.auxiliary_batches(), sam.auxiliary_due())
     )
@@ -157,7 +166,9 @@ def auxiliary(model, state, hooks):
     def at_w():
         results = []
         for batch in batches:
-            (loss, _, _, _), grads = grad(model, state, batch, training=False)
+            (loss, _, _, _), grads = grad(
+                model, state, batch, training=training, scale=False
+            )
             results.append(
                 (ops.cast(loss, "float32"), parts.zeros_for_none(grads, w))
             )

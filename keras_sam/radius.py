@@ -6,8 +6,14 @@ that the generalization gap after the step is small (DESIGN section 3):
 ```
 F(rho)  = 1/2 * (L_val(w_{t+1}(rho)) - L_train(w_{t+1}(rho)))^2
 dF/drho = gap * (grad L_val(w_{t+1}) - grad L_train(w_{t+1})) . dw_{t+1}/drho
-dw_{t+1}/drho ~= -lr * H(w_t) g_hat ~= -lr * (g_adv - g) / rho
+dw_{t+1}/drho  = -lr * H(w_t + eps) deps/drho        # exact for SGD
+  "secant":   ~= -lr * (g_adv - g) / rho              # (default)
+  "diagonal": ~= -lr * g_adv * g_adv * deps/drho      # the paper's
 ```
+
+with `deps/drho = g / ||g||` (`g` for an unnormalized optimizer). rho then
+takes an Adam-normalized step on log rho (default) or the paper's plain
+gradient step on rho.
 
 The clean pass of step t+1 already gives the train loss and gradient at
 `w_{t+1}`; the only extra work is one validation forward/backward on each
@@ -25,6 +31,7 @@ from keras import ops
 from keras_sam._data import validation_arrays
 from keras_sam._shapes import check_fits
 from keras_sam._shapes import trailing
+from keras_sam._validation import check_choice
 from keras_sam._validation import check_float
 from keras_sam._validation import check_positive_int
 from keras_sam._validation import check_seed
@@ -33,6 +40,10 @@ from keras_sam._validation import check_seed
 _BETA_1 = 0.9
 _BETA_2 = 0.999
 _EPSILON = 1e-12
+
+_HYPERGRADIENTS = ("secant", "diagonal")
+_RHO_STEPS = ("normalized", "plain")
+_VALIDATION_MODES = ("training", "inference")
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -45,21 +56,44 @@ class LearnedRadius:
 
     ```
     gap     = L_val(w_t) - L_train(w_t)          # after the step from w_{t-1}
-    dw/drho = -lr * (g_adv - g) / rho            # stored at step t-1
+    dw/drho = -lr * (g_adv - g) / rho            # "secant", stored at t-1
+            = -lr * g_adv * g_adv * g / ||g||    # "diagonal" (the paper's)
     dF/drho = gap * (grad L_val(w_t) - grad L_train(w_t)) . dw/drho
+    # rho_step="normalized" (default): Adam on log rho
     d       = rho * dF/drho                      # gradient w.r.t. log rho
     m, v    = Adam moments of d                  # controller state
     rho     = clip(rho * exp(-learning_rate * m_hat / sqrt(v_hat)), bounds)
+    # rho_step="plain" (the paper's): gradient descent on rho
+    rho     = clip(rho - learning_rate * dF/drho, bounds)
     ```
+
+    The exact one-step derivative is `dw/drho = -lr H(w + eps) deps/drho`.
+    `"secant"` replaces `H(w + eps) g/||g||` by the finite difference SAM
+    already computed; `"diagonal"` is the paper's approximation of the
+    Hessian by the diagonal `g_adv * g_adv` (an empirical-Fisher diagonal at
+    `w + eps`), applied to `deps/drho = g / ||g||` (`g` when the optimizer
+    has `normalize=False`) whatever the variant (ASAM, RSAM included).
+    Neither is exact, and at a large rho neither is a guide (on a digits
+    MLP their sign matches the true dF/drho 98-100% of the time at rho
+    0.05-0.5, 63% and 38% at rho 2). Measured on digits with label noise
+    (`benchmarks/lets_robustness.py`), LETS raises a too-small initial rho
+    and recovers most of the accuracy of the best fixed rho, but does not
+    lower a too-large one: once the network has collapsed the gap is near
+    zero and rho drifts up.
 
     `lr` is the inner optimizer's current learning rate, so the unroll is
     exact for plain and heavy-ball SGD and approximate for adaptive
-    optimizers. The log-rho step is normalized by the running RMS of the
-    hypergradient, so `learning_rate` is roughly how much log rho may move
-    per update whatever the scale of the loss. The train loss and gradient
-    at `w_t` come from the clean pass of step t; each update costs one
-    validation forward/backward on a batch drawn, inside the compiled step,
-    from the data given here (cycled through in a fixed shuffled order).
+    optimizers. The normalized log-rho step divides by the running RMS of
+    the hypergradient, so `learning_rate` is roughly how much log rho may
+    move per update whatever the scale of the loss (a tiny, noisy
+    hypergradient still makes full-size steps); the plain step moves rho
+    by `learning_rate * dF/drho`, so its `learning_rate` depends on the
+    scale of the loss. The train loss and gradient at `w_t` come from the
+    clean pass of step t (training mode); each update costs one validation
+    forward/backward on a batch drawn, inside the compiled step, from the
+    data given here (cycled through in a fixed shuffled order), by default
+    in training mode too, so that dropout and BatchNorm act alike on both
+    sides of the gap (its BatchNorm statistics are dropped).
 
     The state (rho on the optimizer, the finite difference `dw/drho`, the
     moments, the last gap and hypergradient) lives in non-trainable
@@ -87,6 +121,19 @@ class LearnedRadius:
             them if there are fewer). Defaults to `32`.
         seed: Optional integer for the shuffled order of validation
             samples. Defaults to `None` (numpy's global generator).
+        hypergradient: `"secant"` (`dw/drho = -lr (g_adv - g) / rho`) or
+            `"diagonal"` (the paper's diagonal Hessian approximation,
+            `dw/drho = -lr g_adv * g_adv * deps/drho`).
+            Defaults to `"secant"`.
+        rho_step: `"normalized"` (Adam-normalized step on log rho) or
+            `"plain"` (the paper's gradient step on rho,
+            `rho - learning_rate * dF/drho`). Defaults to `"normalized"`.
+        validation_mode: `"training"` or `"inference"`, the mode of the
+            validation pass. `"training"` matches the clean pass that gives
+            the train loss; `"inference"` (the behaviour before this
+            option) takes the validation loss without dropout and with
+            BatchNorm's moving statistics, which biases the gap of such
+            models. Defaults to `"training"`.
 
     Example:
 
@@ -114,15 +161,42 @@ class LearnedRadius:
         bounds=(1e-4, 10.0),
         batch_size=32,
         seed=None,
+        hypergradient="secant",
+        rho_step="normalized",
+        validation_mode="training",
     ):
         self._configure(
-            initial, learning_rate, update_every, bounds, batch_size, seed
+            initial,
+            learning_rate,
+            update_every,
+            bounds,
+            batch_size,
+            seed,
+            hypergradient,
+            rho_step,
+            validation_mode,
         )
         self.set_validation_data(validation_data)
 
     def _configure(
-        self, initial, learning_rate, update_every, bounds, batch_size, seed
+        self,
+        initial,
+        learning_rate,
+        update_every,
+        bounds,
+        batch_size,
+        seed,
+        hypergradient="secant",
+        rho_step="normalized",
+        validation_mode="training",
     ):
+        self.hypergradient = check_choice(
+            "hypergradient", hypergradient, _HYPERGRADIENTS
+        )
+        self.rho_step = check_choice("rho_step", rho_step, _RHO_STEPS)
+        self.validation_mode = check_choice(
+            "validation_mode", validation_mode, _VALIDATION_MODES
+        )
         self.initial = check_float("initial", initial, 0.0, low_open=True)
         self.learning_rate = check_float("learning_rate", learning_rate, 0.0)
         self.update_every = check_positive_int("update_every", update_every)
@@ -300,18 +374,22 @@ class LearnedRadius:
             ops.multiply(_BETA_2, ops.convert_to_tensor(self.velocity)),
             (1 - _BETA_2) * ops.square(d),
         )
-        m_hat = ops.divide(m, ops.subtract(1.0, ops.power(_BETA_1, count)))
-        v_hat = ops.divide(v, ops.subtract(1.0, ops.power(_BETA_2, count)))
-        step = ops.multiply(
-            self.learning_rate,
-            ops.divide(m_hat, ops.add(ops.sqrt(v_hat), _EPSILON)),
-        )
-        # Multiplicative in rho: learning_rate = 0 leaves rho bit-exact.
-        new_rho = ops.clip(
-            ops.multiply(rho, ops.exp(ops.negative(step))),
-            self.bounds[0],
-            self.bounds[1],
-        )
+        if self.rho_step == "normalized":
+            m_hat = ops.divide(m, ops.subtract(1.0, ops.power(_BETA_1, count)))
+            v_hat = ops.divide(v, ops.subtract(1.0, ops.power(_BETA_2, count)))
+            step = ops.multiply(
+                self.learning_rate,
+                ops.divide(m_hat, ops.add(ops.sqrt(v_hat), _EPSILON)),
+            )
+            # Multiplicative in rho: learning_rate = 0 leaves rho bit-exact.
+            new_rho = ops.multiply(rho, ops.exp(ops.negative(step)))
+        else:
+            # The paper's gradient step on rho itself.
+            step = ops.multiply(
+                self.learning_rate, ops.where(update, rho_grad, 0.0)
+            )
+            new_rho = ops.subtract(rho, step)
+        new_rho = ops.clip(new_rho, self.bounds[0], self.bounds[1])
 
         def keep(new, variable):
             return ops.where(update, new, ops.convert_to_tensor(variable))
@@ -326,18 +404,47 @@ class LearnedRadius:
         self.fresh.assign(ops.zeros(()))
 
     def on_adversarial_pass(self, optimizer, grads, grads_adv):
-        """Stores dw_{t+1}/drho ~= -lr * (g_adv - g) / rho."""
+        """Stores dw_{t+1}/drho: `-lr (g_adv - g) / rho` ("secant") or
+        `-lr g_adv * g_adv * deps/drho` ("diagonal")."""
         lr = ops.cast(optimizer.inner_optimizer.learning_rate, "float32")
-        rho = ops.cast(optimizer.rho, "float32")
-        scale = ops.divide(ops.negative(lr), rho)
-        for dw, g, g_adv in zip(self.dw_drho, grads, grads_adv):
-            if g is None or g_adv is None:
-                dw.assign(ops.zeros_like(dw))
-                continue
-            difference = ops.subtract(
-                ops.cast(g_adv, "float32"), ops.cast(g, "float32")
+        pairs = [
+            (
+                (None, None)
+                if g is None or g_adv is None
+                else (ops.cast(g, "float32"), ops.cast(g_adv, "float32"))
             )
-            dw.assign(ops.cast(ops.multiply(difference, scale), dw.dtype))
+            for g, g_adv in zip(grads, grads_adv)
+        ]
+        if self.hypergradient == "secant":
+            rho = ops.cast(optimizer.rho, "float32")
+            scale = ops.divide(ops.negative(lr), rho)
+            values = [
+                None if g is None else ops.multiply(ops.subtract(ga, g), scale)
+                for g, ga in pairs
+            ]
+        else:
+            # deps/drho = g / ||g|| (normalized) or g (unnormalized).
+            scale = ops.negative(lr)
+            if getattr(optimizer, "normalize", True):
+                squares = [
+                    ops.sum(ops.square(g)) for g, _ in pairs if g is not None
+                ]
+                if squares:
+                    norm = ops.sqrt(ops.sum(ops.stack(squares)))
+                    scale = ops.divide(scale, ops.add(norm, 1e-12))
+            values = [
+                (
+                    None
+                    if g is None
+                    else ops.multiply(ops.multiply(ops.square(ga), g), scale)
+                )
+                for g, ga in pairs
+            ]
+        for dw, value in zip(self.dw_drho, values):
+            if value is None:
+                dw.assign(ops.zeros_like(dw))
+            else:
+                dw.assign(ops.cast(value, dw.dtype))
         self.fresh.assign(ops.ones(()))
 
     def log_values(self):
@@ -358,6 +465,9 @@ class LearnedRadius:
             "bounds": list(self.bounds),
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "hypergradient": self.hypergradient,
+            "rho_step": self.rho_step,
+            "validation_mode": self.validation_mode,
         }
 
     @classmethod
@@ -376,5 +486,9 @@ class LearnedRadius:
             f"LearnedRadius(initial={self.initial}, "
             f"learning_rate={self.learning_rate}, "
             f"update_every={self.update_every}, bounds={self.bounds}, "
-            f"batch_size={self.batch_size}, samples={self._num_samples})"
+            f"batch_size={self.batch_size}, "
+            f"hypergradient={self.hypergradient!r}, "
+            f"rho_step={self.rho_step!r}, "
+            f"validation_mode={self.validation_mode!r}, "
+            f"samples={self._num_samples})"
         )

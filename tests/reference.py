@@ -46,6 +46,20 @@ def sam_eps(grads, rho):
     return [rho * g / (norm + EPS) for g in grads]
 
 
+def sam_eps_unnormalized(grads, rho):
+    """eps = rho g (Behdin and Mazumder's SAM, no division by the norm)."""
+    return [rho * g for g in grads]
+
+
+def asam_eps_unnormalized(params, grads, rho, eta, weight_like):
+    """eps = rho T^2 g, T = |w| + eta or 1 (biases), unnormalized."""
+    ts = [
+        np.abs(w) + eta if wl else np.ones_like(w)
+        for w, wl in zip(params, weight_like)
+    ]
+    return [rho * t**2 * g for t, g in zip(ts, grads)]
+
+
 def asam_eps(params, grads, rho, eta, weight_like):
     """eps = rho T^2 g / (||T g|| + 1e-12); T = |w| + eta or 1 (biases)."""
     ts = [
@@ -78,6 +92,7 @@ def train_sam(
     eta=0.01,
     weight_like=None,
     sam_every=1,
+    normalize=True,
 ):
     """Runs SAM/ASAM with SGD over `batches`; returns the final parameters."""
     params = [np.array(p, dtype=np.float64) for p in params]
@@ -86,10 +101,14 @@ def train_sam(
         _, g = loss_and_grads(params, x, y)
         if step % sam_every == 0:
             if variant == "sam":
-                eps = sam_eps(g, rho)
-            else:
+                eps = (sam_eps if normalize else sam_eps_unnormalized)(g, rho)
+            elif normalize:
                 eps = asam_eps(params, g, rho, eta, weight_like)
-            _, g = loss_and_grads([p + e for p, e in zip(params, eps)], x, y)
+            else:
+                eps = asam_eps_unnormalized(params, g, rho, eta, weight_like)
+            _, g = loss_and_grads(
+                [p + e for p, e in zip(params, eps)], x, y
+            )
         params, velocity = sgd_step(params, g, velocity, lr, momentum)
     return params
 
@@ -392,6 +411,39 @@ def lets_hypergradient(params, x, y, xv, yv, rho, lr, loss_and_grads, eps_fn):
     gap = loss_v - loss_t
     dot = sum(np.sum((a - b) * d) for a, b, d in zip(g_v, g_t, dw))
     return gap * dot, gap
+
+
+def lets_hypergradient_diagonal(
+    params, x, y, xv, yv, rho, lr, loss_and_grads, eps_fn, normalize=True
+):
+    """The paper's approximation: H(w + eps) ~ diag(g_adv * g_adv), so
+    dw/drho = -lr g_adv^2 deps/drho with deps/drho = g / ||g|| (g when
+    unnormalized). Returns (dF/drho, gap)."""
+    w1, g, g_adv = lets_step(params, x, y, rho, lr, loss_and_grads, eps_fn)
+    norm = np.sqrt(sum(np.sum(g0**2) for g0 in g)) if normalize else 1.0
+    norm = norm + (EPS if normalize else 0.0)
+    dw = [-lr * ga**2 * g0 / norm for ga, g0 in zip(g_adv, g)]
+    loss_v, g_v = loss_and_grads(w1, xv, yv)
+    loss_t, g_t = loss_and_grads(w1, x, y)
+    gap = loss_v - loss_t
+    dot = sum(np.sum((a - b) * d) for a, b, d in zip(g_v, g_t, dw))
+    return gap * dot, gap
+
+
+def lets_plain_step(rho, rho_grad, lr, bounds):
+    """The paper's upper-level step: rho - lr dF/drho, clipped."""
+    return float(np.clip(rho - lr * rho_grad, *bounds))
+
+
+def log_barrier_loss_and_grads(params, x, y):
+    """L(w) = -sum_i log(y_i - x_i . w) over the samples (sum reduction).
+    With x the identity, L = -sum log(y_i - w_i) and its Hessian is
+    diag(g * g) exactly: the paper's diagonal approximation is exact."""
+    (w,) = params
+    r = y[:, 0] - x @ w[:, 0]
+    loss = -np.sum(np.log(r))
+    grad = x.T @ (1.0 / r)
+    return loss, [grad[:, None]]
 
 
 def lets_controller(rho, rho_grad, m, v, count, lr, bounds, b1=0.9, b2=0.999):

@@ -139,6 +139,177 @@ def test_hypergradient_matches_finite_difference(kind, mode):
     assert logs.logs[0]["rho_grad"] == 0.0
 
 
+def _log_barrier_model(w):
+    model = keras.Sequential(
+        [keras.Input((len(w),)), keras.layers.Dense(1, use_bias=False)]
+    )
+    model.set_weights([np.asarray(w, "float32")[:, None]])
+    return model
+
+
+class _LogBarrier(keras.losses.Loss):
+    def call(self, y_true, y_pred):
+        return -keras.ops.log(keras.ops.subtract(y_true, y_pred))
+
+
+def _log_barrier_loss():
+    return _LogBarrier(reduction="sum")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_diagonal_hypergradient_is_exact_when_the_hessian_is_g_squared(
+    normalize,
+):
+    # L(w) = -sum_i log(c_i - w_i) has Hessian diag(g * g) at every w, so
+    # the paper's diagonal approximation gives the true dF/drho.
+    d, lr = 5, 0.05
+    rho = 0.1 if normalize else 0.05
+    w0 = np.linspace(-0.2, 0.3, d)
+    x = np.eye(d, dtype="float32")
+    y = np.full((d, 1), 2.0, "float32") + 0.1 * np.arange(d)[:, None]
+    yv = np.full((d, 1), 1.5, "float32") - 0.05 * np.arange(d)[:, None]
+    radius = keras_sam.LearnedRadius(
+        initial=rho,
+        learning_rate=0.0,
+        validation_data=(x, yv.astype("float32")),
+        batch_size=64,
+        hypergradient="diagonal",
+    )
+    model = keras_sam.SAMModel(_log_barrier_model(w0))
+    model.compile(
+        optimizer=keras_sam.optimizers.SAM(
+            keras.optimizers.SGD(lr), rho=radius, normalize=normalize
+        ),
+        loss=_log_barrier_loss(),
+        **EAGER,
+    )
+    logs = _BatchLogs()
+    _fit(model, np.concatenate([x, x]), np.concatenate([y, y]), d, [logs])
+
+    eps = reference.sam_eps if normalize else reference.sam_eps_unnormalized
+    args = (
+        [w0[:, None]],
+        x,
+        y,
+        x,
+        yv,
+        rho,
+        lr,
+        reference.log_barrier_loss_and_grads,
+        lambda params, g, r: eps(g, r),
+    )
+    exact = reference.lets_hypergradient_fd(*args)
+    approx, gap = reference.lets_hypergradient_diagonal(
+        *args, normalize=normalize
+    )
+    got = float(radius.rho_grad.numpy())
+    np.testing.assert_allclose(logs.logs[1]["gap"], gap, rtol=1e-4)
+    np.testing.assert_allclose(approx, exact, rtol=1e-5)
+    assert abs(exact) > 1e-6
+    np.testing.assert_allclose(got, exact, rtol=2e-3)
+
+
+def test_diagonal_hypergradient_on_an_mlp_matches_reference():
+    params = _params()
+    x, y = _data(16, seed=1)
+    xv, yv = _data(24, seed=2)
+    radius = keras_sam.LearnedRadius(
+        initial=RHO,
+        learning_rate=0.0,
+        validation_data=(xv, yv),
+        batch_size=64,
+        hypergradient="diagonal",
+    )
+    model = keras_sam.SAMModel(_mlp(params))
+    model.compile(optimizer=_optimizer("sam", radius), loss="mse", **EAGER)
+    _fit(model, np.concatenate([x, x]), np.concatenate([y, y]), 16)
+    args = (params, x, y, xv, yv, RHO, LR, reference.mlp_loss_and_grads)
+    approx, _ = reference.lets_hypergradient_diagonal(*args, _eps_fn("sam"))
+    np.testing.assert_allclose(
+        float(radius.rho_grad.numpy()), approx, rtol=2e-3
+    )
+
+
+def test_secant_hypergradient_with_unnormalized_sam():
+    rho = 0.01
+    params = _params()
+    x, y = _data(16, seed=1)
+    xv, yv = _data(24, seed=2)
+    radius = keras_sam.LearnedRadius(
+        initial=rho, learning_rate=0.0, validation_data=(xv, yv), batch_size=64
+    )
+    model = keras_sam.SAMModel(_mlp(params))
+    model.compile(
+        optimizer=keras_sam.optimizers.SAM(
+            keras.optimizers.SGD(LR), rho=radius, normalize=False
+        ),
+        loss="mse",
+        **EAGER,
+    )
+    _fit(model, np.concatenate([x, x]), np.concatenate([y, y]), 16)
+    args = (params, x, y, xv, yv, rho, LR, reference.mlp_loss_and_grads)
+    eps_fn = lambda p, g, r: reference.sam_eps_unnormalized(g, r)  # noqa
+    exact = reference.lets_hypergradient_fd(*args, eps_fn)
+    approx, _ = reference.lets_hypergradient(*args, eps_fn)
+    got = float(radius.rho_grad.numpy())
+    np.testing.assert_allclose(got, approx, rtol=2e-3)
+    assert abs(got - exact) < 0.1 * abs(exact), (got, exact)
+
+
+def test_plain_rho_step_matches_reference():
+    params = _params()
+    x, y = _data(16, seed=1)
+    xv, yv = _data(24, seed=2)
+    radius = keras_sam.LearnedRadius(
+        initial=RHO,
+        learning_rate=30.0,
+        validation_data=(xv, yv),
+        batch_size=64,
+        bounds=(1e-3, 1.0),
+        rho_step="plain",
+    )
+    model = keras_sam.SAMModel(_mlp(params))
+    model.compile(optimizer=_optimizer("sam", radius), loss="mse", **EAGER)
+    logs = _BatchLogs()
+    _fit(model, np.concatenate([x, x]), np.concatenate([y, y]), 16, [logs])
+    rho_grad = logs.logs[1]["rho_grad"]
+    rho = reference.lets_plain_step(RHO, rho_grad, 30.0, (1e-3, 1.0))
+    assert abs(rho - RHO) > 1e-5
+    np.testing.assert_allclose(logs.logs[1]["rho"], rho, rtol=1e-5)
+    assert logs.logs[0]["rho"] == pytest.approx(RHO, rel=1e-7)
+
+
+@pytest.mark.parametrize("validation_mode", ["training", "inference"])
+def test_validation_mode_of_the_gap(validation_mode):
+    # Validation data = the training batch: with BatchNorm in training mode
+    # on both sides the gap is 0; inference mode (moving statistics) is not.
+    x, y = _data(16, seed=1)
+    base = keras.Sequential(
+        [
+            keras.Input((D_IN,)),
+            keras.layers.Dense(D_HIDDEN),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(1),
+        ]
+    )
+    radius = keras_sam.LearnedRadius(
+        initial=RHO,
+        learning_rate=0.0,
+        validation_data=(x, y),
+        batch_size=64,
+        validation_mode=validation_mode,
+    )
+    model = keras_sam.SAMModel(base)
+    model.compile(optimizer=_optimizer("sam", radius), loss="mse", **EAGER)
+    logs = _BatchLogs()
+    _fit(model, np.concatenate([x, x]), np.concatenate([y, y]), 16, [logs])
+    gap = logs.logs[1]["gap"]
+    if validation_mode == "training":
+        assert abs(gap) < 1e-5
+    else:
+        assert abs(gap) > 1e-3
+
+
 def test_first_controller_step_matches_reference():
     params = _params()
     x, y = _data(16, seed=1)
@@ -398,7 +569,16 @@ def test_config_round_trip():
         "bounds": [0.01, 2.0],
         "batch_size": 4,
         "seed": 7,
+        "hypergradient": "secant",
+        "rho_step": "normalized",
+        "validation_mode": "training",
     }
+    options = dict(
+        hypergradient="diagonal", rho_step="plain", validation_mode="inference"
+    )
+    radius = keras_sam.LearnedRadius(validation_data=(xv, yv), **options)
+    clone = keras_sam.LearnedRadius.from_config(radius.get_config())
+    assert {k: clone.get_config()[k] for k in options} == options
 
 
 # ---------------------------------------------------------------------------
@@ -493,6 +673,9 @@ def test_sample_weight_in_validation_data():
         ({"bounds": (0.1,)}, ValueError, "bounds="),
         ({"bounds": (0.0, 1.0)}, ValueError, r"bounds\[0\]=0.0"),
         ({"bounds": (0.1, 1.0), "initial": 0.05}, ValueError, "initial=0.05"),
+        ({"hypergradient": "exact"}, ValueError, "hypergradient='exact'"),
+        ({"rho_step": "adam"}, ValueError, "rho_step='adam'"),
+        ({"validation_mode": "eval"}, ValueError, "validation_mode='eval'"),
     ],
 )
 def test_bad_input_raises(kwargs, error, match):

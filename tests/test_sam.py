@@ -397,6 +397,122 @@ def test_perturbation_norm_is_rho():
         )
 
 
+# ---------------------------------------------------------------------------
+# normalize=False: eps = rho * xi (Behdin and Mazumder's analysis).
+
+
+def test_unnormalized_perturbation_is_rho_times_xi():
+    rng = np.random.default_rng(0)
+    variables = [
+        keras.Variable(rng.normal(size=s).astype("float32"), name=n)
+        for s, n in [((4, 3), "kernel"), ((3,), "bias")]
+    ]
+    grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    values = [keras.ops.convert_to_numpy(v) for v in variables]
+    cases = [
+        (
+            optimizers.SAM("sgd", rho=0.3, normalize=False),
+            reference.sam_eps_unnormalized(grads, 0.3),
+        ),
+        (
+            optimizers.ASAM("sgd", rho=0.3, eta=0.01, normalize=False),
+            reference.asam_eps_unnormalized(
+                values, grads, 0.3, 0.01, [True, False]
+            ),
+        ),
+    ]
+    if hasattr(optimizers, "RSAM"):
+        # Euclidean/identity RSAM is SAM, unnormalized too.
+        cases.append(
+            (
+                optimizers.RSAM("sgd", rho=0.3, normalize=False),
+                reference.sam_eps_unnormalized(grads, 0.3),
+            )
+        )
+    for sam, want in cases:
+        eps = sam.perturbation(grads, variables)
+        for e, w in zip(eps, want):
+            np.testing.assert_allclose(
+                keras.ops.convert_to_numpy(e), w, rtol=1e-5, atol=1e-7
+            )
+
+
+@pytest.mark.parametrize("variant", ["sam", "asam"])
+def test_unnormalized_fit_matches_numpy_reference(variant):
+    x, y = _data()
+    base = _mlp()
+    initial = [w.astype("float64") for w in base.get_weights()]
+    inner = keras.optimizers.SGD(0.1)
+    rho = 0.2
+    if variant == "sam":
+        optimizer = optimizers.SAM(inner, rho=rho, normalize=False)
+    else:
+        optimizer = optimizers.ASAM(inner, rho=rho, eta=0.01, normalize=False)
+    model = keras_sam.SAMModel(base)
+    model.compile(optimizer=optimizer, loss="mse", run_eagerly=True)
+    _fit(model, x, y, epochs=2)
+    expected = reference.train_sam(
+        initial,
+        _batches(x, y, epochs=2),
+        reference.mlp_loss_and_grads,
+        rho=rho,
+        lr=0.1,
+        variant=variant,
+        eta=0.01,
+        weight_like=[True, False, True, False],
+        normalize=False,
+    )
+    for got, want in zip(base.get_weights(), expected):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    normalized = reference.train_sam(
+        initial,
+        _batches(x, y, epochs=2),
+        reference.mlp_loss_and_grads,
+        rho=rho,
+        lr=0.1,
+        variant=variant,
+        eta=0.01,
+        weight_like=[True, False, True, False],
+    )
+    assert (
+        max(np.max(np.abs(a - b)) for a, b in zip(expected, normalized)) > 1e-4
+    )
+
+
+def test_unnormalized_rho_zero_is_exactly_the_inner_optimizer():
+    x, y = _data()
+    keras.utils.set_random_seed(7)
+    plain = _bn_dropout_model()
+    plain.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss="mse",
+        run_eagerly=True,
+    )
+    _fit(plain, x, y, epochs=1)
+    keras.utils.set_random_seed(7)
+    base = _bn_dropout_model()
+    model = keras_sam.SAMModel(base)
+    model.compile(
+        optimizer=optimizers.SAM(
+            keras.optimizers.SGD(0.05, momentum=0.9), rho=0.0, normalize=False
+        ),
+        loss="mse",
+        run_eagerly=True,
+    )
+    _fit(model, x, y, epochs=1)
+    for got, want in zip(_weights(base), _weights(plain)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_normalize_is_in_the_config():
+    for cls in (optimizers.SAM, optimizers.ASAM):
+        sam = cls("sgd", rho=0.2, normalize=False)
+        assert sam.get_config()["normalize"] is False
+        again = optimizers.deserialize(optimizers.serialize(sam))
+        assert again.normalize is False and isinstance(again, cls)
+    assert optimizers.SAM("sgd").get_config()["normalize"] is True
+
+
 def test_weights_restored_when_the_adversarial_pass_raises():
     if BACKEND == "jax":
         pytest.skip("the JAX step is pure: it never assigns weights")
@@ -436,6 +552,7 @@ def test_weights_restored_when_the_adversarial_pass_raises():
         ({"sam_every": 0}, ValueError, "sam_every=0"),
         ({"sam_every": 1.5}, TypeError, "sam_every=1.5"),
         ({"optimizer": 3}, TypeError, "optimizer=3"),
+        ({"normalize": "no"}, TypeError, "normalize='no'"),
     ],
 )
 def test_bad_optimizer_arguments(kwargs, error, text):

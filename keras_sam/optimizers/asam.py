@@ -34,6 +34,8 @@ class ASAM(SAM):
             `sam_every`-th step and a plain step otherwise. Defaults to `1`.
         sync_perturbation: Boolean, see `SAM`. Defaults to `False`.
         num_batch_splits: Integer >= 1, see `SAM`. Defaults to `1`.
+        normalize: Boolean, see `SAM` (`False`: `eps = rho * T^2 g`).
+            Defaults to `True`.
         name: String, the name of the optimizer. Defaults to `"asam"`.
 
     Example:
@@ -55,6 +57,7 @@ class ASAM(SAM):
         name=None,
         sync_perturbation=False,
         num_batch_splits=1,
+        normalize=True,
     ):
         eta = check_float("eta", eta, low=0.0, low_open=True)
         super().__init__(
@@ -64,6 +67,7 @@ class ASAM(SAM):
             name=name,
             sync_perturbation=sync_perturbation,
             num_batch_splits=num_batch_splits,
+            normalize=normalize,
         )
         self.eta = float(eta)
 

@@ -102,6 +102,7 @@ class SAM(keras.optimizers.Optimizer):
     ```
     g     = grad L(w)
     eps   = rho * g / (||g|| + 1e-12)        # ||.|| global over all variables
+          = rho * g                          # normalize=False
     g_adv = grad L(w + eps)
     w     = inner_optimizer.update(w, g_adv)
     ```
@@ -132,6 +133,12 @@ class SAM(keras.optimizers.Optimizer):
             average their adversarial gradients (m-sharpness on one device).
             Cannot be combined with `sync_perturbation=True`.
             Defaults to `1`.
+        normalize: Boolean. `True` divides the ascent direction by its
+            norm (`eps = rho * xi / ||xi||_D`, Foret et al.); `False` takes
+            the unnormalized step `eps = rho * xi` of the analysis of
+            Behdin and Mazumder (for ASAM `xi = T^2 g`, for RSAM the
+            projected `D^-1 g`), so rho is then a step size, not a radius.
+            Defaults to `True`.
         name: String, the name of the optimizer. Defaults to `"sam"`.
 
     Example:
@@ -144,6 +151,9 @@ class SAM(keras.optimizers.Optimizer):
     References:
         - Foret et al., Sharpness-Aware Minimization for Efficiently Improving
           Generalization, ICLR 2021.
+        - Behdin, Mazumder, On Statistical Properties of Sharpness-Aware
+          Minimization: Provable Guarantees, arXiv 2302.11836
+          (`normalize=False`).
     """
 
     # SAMPa's step (two independent gradients) instead of the two-pass step.
@@ -157,8 +167,10 @@ class SAM(keras.optimizers.Optimizer):
         name=None,
         sync_perturbation=False,
         num_batch_splits=1,
+        normalize=True,
     ):
         super().__init__(learning_rate=0.0, name=name or self._default_name())
+        self.normalize = check_bool("normalize", normalize)
         self.inner_optimizer = get_inner(optimizer)
         # A LearnedRadius drives the `rho` variable through the step hooks.
         self.radius = rho if isinstance(rho, LearnedRadius) else None
@@ -258,7 +270,8 @@ class SAM(keras.optimizers.Optimizer):
         return ops.equal(ops.mod(self.iterations, self.sam_every), 0)
 
     def perturbation(self, grads, trainable_variables, values=None):
-        """eps per variable: `rho * xi / (||xi||_D + 1e-12)`, xi = P(D^-1 g).
+        """eps per variable: `rho * xi / (||xi||_D + 1e-12)`, xi = P(D^-1 g)
+        (`rho * xi` with `normalize=False`).
 
         Args:
             grads: list of (unscaled) gradients, `None` where a variable has
@@ -288,10 +301,10 @@ class SAM(keras.optimizers.Optimizer):
             squares.append(ops.sum(ops.multiply(xi, xi_d)))
         if not squares:
             return xis
-        norm = ops.sqrt(ops.sum(ops.stack(squares)))
-        scale = ops.divide(
-            ops.cast(self.rho, "float32"), ops.add(norm, _NORM_EPSILON)
-        )
+        scale = ops.cast(self.rho, "float32")
+        if self.normalize:
+            norm = ops.sqrt(ops.sum(ops.stack(squares)))
+            scale = ops.divide(scale, ops.add(norm, _NORM_EPSILON))
         return [
             None if xi is None else ops.cast(ops.multiply(xi, scale), w.dtype)
             for xi, w in zip(xis, values)
@@ -329,12 +342,20 @@ class SAM(keras.optimizers.Optimizer):
         """Extra `(x, y, sample_weight)` batches to differentiate at w.
 
         The step computes each one's loss and gradient at the clean weights
-        in inference mode (`training=False`, no state updates) and hands
+        (in the mode `auxiliary_training` names, no state updates) and hands
         them to `on_clean_pass`. Defaults to none.
         """
         if self.radius is not None:
             return self.radius.auxiliary_batches(self)
         return []
+
+    def auxiliary_training(self):
+        """Whether the auxiliary passes run in training mode (a Python
+        boolean; their model-state updates are dropped). Defaults to
+        `False`."""
+        if self.radius is not None:
+            return self.radius.validation_mode == "training"
+        return False
 
     def auxiliary_due(self):
         """Whether this step runs the auxiliary passes: `True` or a boolean
@@ -403,6 +424,7 @@ class SAM(keras.optimizers.Optimizer):
             "sam_every": self.sam_every,
             "sync_perturbation": self.sync_perturbation,
             "num_batch_splits": self.num_batch_splits,
+            "normalize": self.normalize,
         }
 
     @classmethod
