@@ -597,7 +597,10 @@ def train_sampa(params, batches, loss_and_grads, rho, lam, lr, momentum=0.0):
         _, g_y = loss_and_grads(y_next, x, y)
         g = [(1 - lam) * a + lam * b for a, b in zip(g_adv, g_y)]
         params, velocity = sgd_step(params, g, velocity, lr, momentum)
+    return params
 
+
+# ---------------------------------------------------------------------------
 # R-Stiefel layers and RSAM with a canonical metric and per-group radii
 # (issue 17). A StiefelDense kernel is U diag(s), U^T U = I. The canonical
 # metric of Stiefel is the ambient metric D_U = I - U U^T / 2, under which
