@@ -1,7 +1,9 @@
 """Test accuracy of plain SGD and sharpness-aware methods under label noise.
 
 Trains the same network with plain SGD (momentum 0.9) and with SAM, ASAM,
-RSAM and LETS wrapped around that same SGD, for the same number of epochs,
+Riemannian SGD (`rsgd`: RSAM with rho 0, the hidden kernels on a sphere),
+RSAM (the same sphere), LETS and SAMPa wrapped around that same SGD, for
+the same number of epochs,
 from the same initial weights per seed, on training labels with 0%, 20% and
 40% symmetric label noise (that fraction of the training and validation
 labels is replaced by a uniformly drawn *other* class; test labels stay
@@ -17,8 +19,8 @@ labels as noisy as the training ones) is used only by LETS, which learns rho
 from it. Writes `accuracy.md` (table), `accuracy.json` and `accuracy.png`
 (plot) to `--out`.
 
-The default run (3 noise levels x 3 seeds x 5 methods on digits) takes about
-10 minutes on 2 CPU cores; `--quick` is a smoke run of a few seconds each.
+The default run (3 noise levels x 3 seeds x 7 methods on digits) takes about
+15 minutes on 2 CPU cores; `--quick` is a smoke run of a few seconds each.
 
     python benchmarks/accuracy.py --out results/accuracy
     python benchmarks/accuracy.py --quick
@@ -163,6 +165,10 @@ def method_table():
         manifold = hidden_kernels_on_sphere(net)
         return wrap(net), opt.RSAM(sgd, rho=0.05, manifold=manifold)
 
+    def rsgd(net, sgd, val):  # Riemannian SGD: the same sphere, rho = 0
+        manifold = hidden_kernels_on_sphere(net)
+        return wrap(net), opt.RSAM(sgd, rho=0.0, manifold=manifold)
+
     def lets(net, sgd, val):
         radius = keras_sam.LearnedRadius(
             initial=0.05, learning_rate=0.01, validation_data=val, seed=0
@@ -174,6 +180,7 @@ def method_table():
 
     methods = {"plain": plain, "sam": sam, "asam": asam}
     if hasattr(opt, "RSAM"):
+        methods["rsgd"] = rsgd
         methods["rsam"] = rsam
     if hasattr(keras_sam, "LearnedRadius"):
         methods["lets"] = lets
