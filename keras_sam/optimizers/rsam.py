@@ -268,7 +268,8 @@ class RSAM(SAM):
         return xi, ops.sum(ops.multiply(xi, xi_d))
 
     def perturbation(self, grads, trainable_variables, values=None):
-        """eps per variable: `rho * xi / (||xi||_D + 1e-12)` per group.
+        """eps per variable: `rho * xi / (||xi||_D + 1e-12)` per group
+        (`rho * xi` with `normalize=False`).
 
         One group (all variables, radius `rho`) unless `flat_rho` is set;
         then the manifold variables (radius `rho`) and the flat ones
@@ -295,6 +296,8 @@ class RSAM(SAM):
             return xis
 
         def scale(rho, group):
+            if not self.normalize:  # eps = rho * xi
+                return ops.cast(rho, "float32")
             norm = ops.sqrt(ops.sum(ops.stack(group)))
             return ops.divide(
                 ops.cast(rho, "float32"), ops.add(norm, _NORM_EPSILON)

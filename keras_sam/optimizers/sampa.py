@@ -132,7 +132,12 @@ class SAMPa(SAM):
 
     def get_config(self):
         config = super().get_config()
-        for key in ("sam_every", "sync_perturbation", "num_batch_splits"):
-            config.pop(key)
+        for key in (
+            "sam_every",
+            "sync_perturbation",
+            "num_batch_splits",
+            "normalize",
+        ):
+            config.pop(key, None)
         config["lam"] = self.lam
         return config
