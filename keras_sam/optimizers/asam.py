@@ -35,6 +35,8 @@ class ASAM(SAM):
         sync_perturbation: Boolean, see `SAM`. Defaults to `False`.
         num_batch_splits: Integer >= 1, see `SAM`. Defaults to `1`.
         name: String, the name of the optimizer. Defaults to `"asam"`.
+        schedule: Optional `keras_sam.schedules` object, see `SAM`.
+            Defaults to `None`.
 
     Example:
 
@@ -55,6 +57,7 @@ class ASAM(SAM):
         name=None,
         sync_perturbation=False,
         num_batch_splits=1,
+        schedule=None,
     ):
         eta = check_float("eta", eta, low=0.0, low_open=True)
         super().__init__(
@@ -64,6 +67,7 @@ class ASAM(SAM):
             name=name,
             sync_perturbation=sync_perturbation,
             num_batch_splits=num_batch_splits,
+            schedule=schedule,
         )
         self.eta = float(eta)
 
