@@ -34,6 +34,14 @@ statistics (Fisher EMA, learned-radius state) never absorb a non-finite
 pass, and `logs["adv_nonfinite"]` counts the steps whose adversarial
 gradient was non-finite.
 
+Cheap variants (issue 16) are hooks on the same step: a schedule picks
+two passes or one (on the host, where `SAMModel` compiles one program per
+kind and `model.pass_kind` says which this one is; else a conditional
+after the clean pass), `combine_gradients` turns `(g, g_adv)` into the
+gradient to apply (GSAM), `one_pass_gradients` does the same for `g` on a
+one-pass step (LookSAM), and `single_pass` optimizers (MomentumSAM)
+perturb before their only pass (`_passes.single_pass_step`).
+
 Only a gradient of a function of values (`backend.grad_and_aux`) and a
 little glue (replica context, torch's random generators, no-grad, a
 conditional stateful update) come from `keras_sam.backend`.

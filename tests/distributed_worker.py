@@ -40,6 +40,10 @@ CASES = {
     "sync": ("sam", {"sync_perturbation": True}),
     "splits": ("sam", {"num_batch_splits": 2}),
     "asam_per_replica": ("asam", {}),
+    # Cheap variants (issue 16): the host-side schedule under a strategy,
+    # and MomentumSAM (its eps is the same on every replica).
+    "every3_sync": ("sam", {"sync_perturbation": True, "sam_every": 3}),
+    "msam": ("msam", {}),
 }
 
 
@@ -61,6 +65,8 @@ def _train(variant, kwargs, x, y, loss_scale=False):
         inner = keras.optimizers.SGD(0.1, momentum=0.9)
         if variant == "sam":
             optimizer = keras_sam.optimizers.SAM(inner, rho=0.1, **kwargs)
+        elif variant == "msam":
+            optimizer = keras_sam.optimizers.MomentumSAM(inner, rho=0.3)
         else:
             optimizer = keras_sam.optimizers.ASAM(inner, rho=0.5, **kwargs)
         if loss_scale:
