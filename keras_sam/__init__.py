@@ -3,6 +3,7 @@
 from keras_sam import manifolds
 from keras_sam import layers
 from keras_sam import optimizers
+from keras_sam import schedules
 from keras_sam import callbacks
 from keras_sam import sharpness
 from keras_sam.optimum_shift import ShiftReport

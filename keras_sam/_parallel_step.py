@@ -73,6 +73,7 @@ def sampa_step(model, state, data):
         g_next_true = sam_optimizers.unscale_gradients(optimizer, g_next)
         # The same g_y on every replica (a replica context's sum).
         sam.keep(backend.all_reduce(g_next_true))
+        sam.count_step(True)  # both gradients, every step
         finite = parts.all_finite(g_adv_true), parts.all_finite(g_next_true)
         return sam.combine(g_adv, g_next), finite
 

@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_sam import _step_parts as parts
 from keras_sam import backend
+from keras_sam.optimizers import chain
 
 
 class StepState:
@@ -183,3 +184,30 @@ def auxiliary(model, state, hooks):
     if not batches or due is True:
         return at_w()
     return ops.cond(due, at_w, zeros)
+
+
+def single_pass_step(model, state, batches, hooks):
+    """A step of one pass at `w + eps`, eps computed before the pass from
+    the optimizer's state (MomentumSAM): `(grads, new_state, loss, y_pred,
+    update)` as `keras_sam.step.sharpness_aware_step` returns them.
+
+    The pass's loss, metrics and model state are kept (there is no other
+    pass); `g(w + eps)` is applied at `w`.
+    """
+    sam, optimizer = model.sam_optimizer, model.optimizer
+    variables, w = model.trainable_variables, state.trainable
+    w_adv, _ = hooks.run(
+        state.optimizer, lambda: sam.perturbed_values(None, variables, w)
+    )
+    w_adv = [a if a is not None else w_i for a, w_i in zip(w_adv, w)]
+    passes = run(model, state, batches, [w_adv] * len(batches))
+    loss = parts.combine([[p.loss] for p in passes.parts], passes.fractions)
+    _, opt = hooks.run(state.optimizer, lambda: sam.count_step(False))
+    g = passes.gradient()
+    if chain.has_loss_scaling(optimizer):
+        # Every replica skips when one does.
+        g = poison(backend.all_replicas(parts.all_finite(g)), g)
+    new_state = state.replace(
+        non_trainable=passes.non_trainable, optimizer=opt, metrics=passes.metrics
+    )
+    return g, new_state, loss[0], passes.y_pred, True

@@ -111,6 +111,30 @@ def all_finite(tensors):
     return ops.all(ops.stack(checks))
 
 
+def squared_norm(tensors):
+    """`sum ||t||^2` over the present tensors, as a float32 scalar."""
+    squares = [
+        ops.sum(ops.square(ops.cast(t, "float32")))
+        for t in tensors
+        if t is not None
+    ]
+    if not squares:
+        return ops.zeros((), "float32")
+    return ops.sum(ops.stack(squares))
+
+
+def dot(a, b):
+    """`sum <a_i, b_i>` over the entries present in both, float32."""
+    products = [
+        ops.sum(ops.multiply(ops.cast(x, "float32"), ops.cast(y, "float32")))
+        for x, y in zip(a, b)
+        if x is not None and y is not None
+    ]
+    if not products:
+        return ops.zeros((), "float32")
+    return ops.sum(ops.stack(products))
+
+
 def select(condition, if_true, if_false):
     """Per entry `where(condition, if_true, if_false)`; keeps `None`, and
     skips the work where both sides are the same tensor."""

@@ -34,6 +34,14 @@ statistics (Fisher EMA, learned-radius state) never absorb a non-finite
 pass, and `logs["adv_nonfinite"]` counts the steps whose adversarial
 gradient was non-finite.
 
+Cheap variants (issue 16) are hooks on the same step: a schedule picks
+two passes or one (on the host, where `SAMModel` compiles one program per
+kind and `model.pass_kind` says which this one is; else a conditional
+after the clean pass), `combine_gradients` turns `(g, g_adv)` into the
+gradient to apply (GSAM), `one_pass_gradients` does the same for `g` on a
+one-pass step (LookSAM), and `single_pass` optimizers (MomentumSAM)
+perturb before their only pass (`_passes.single_pass_step`).
+
 Only a gradient of a function of values (`backend.grad_and_aux`) and a
 little glue (replica context, torch's random generators, no-grad, a
 conditional stateful update) come from `keras_sam.backend`.
@@ -74,6 +82,8 @@ def sharpness_aware_step(model, state, data):
     hooks = parts.Stateless(optimizer.variables)  # hooks run on the values
     batches = parts.split_batch((x, y, sample_weight), _num_splits(sam))
     fractions = [fraction for _, fraction in batches]
+    if sam.single_pass:  # MomentumSAM: w + eps first, then the only pass
+        return passes.single_pass_step(model, state, batches, hooks)
 
     def present(values):  # TensorFlow's cond takes no `None`
         return [values[i] for i in clean.present]
@@ -92,6 +102,16 @@ def sharpness_aware_step(model, state, data):
     loss = parts.combine([[p.loss] for p in clean.parts], fractions)[0]
     g_parts = [unscaled(p.grads) for p in clean.parts]
     g = parts.combine(g_parts, fractions)
+    # This replica's own clean gradient, for the hooks that combine it
+    # with the adversarial one (`g` is the global one when synchronized).
+    g_own = g
+    if sam.sync_perturbation:
+        g_own, _ = hooks.run(
+            state.optimizer,
+            lambda: sam_optimizers.unscale_gradients(
+                optimizer, clean.gradient()
+            ),
+        )
     clean_finite = parts.all_finite(g)
     # The clean-pass hook (Fisher EMA, learned radius), kept if g is finite.
     auxiliary = passes.auxiliary(model, state, hooks)
@@ -118,11 +138,15 @@ def sharpness_aware_step(model, state, data):
         )
         g_adv = parts.combine([p.grads for p in adv.parts], fractions)
 
-        # 3. pull g_adv back to w; the hook sees it unscaled.
+        # 3. pull g_adv back to w; the hooks see it unscaled, and may
+        #    combine it with g into the gradient to apply (GSAM).
         def pull_back():
             pulled = sam.pull_back(g_adv, variables, w)
             g_adv_true = sam_optimizers.unscale_gradients(optimizer, pulled)
             sam.on_adversarial_pass(g, g_adv_true, variables)
+            g_use = sam.combine_gradients(g_own, g_adv_true, variables)
+            if g_use is not None:
+                pulled = sam_optimizers.scale_gradients(optimizer, g_use)
             return pulled, parts.all_finite(g_adv_true)
 
         (g_adv, adv_finite), new_opt = hooks.run(opt, pull_back)
@@ -146,17 +170,32 @@ def sharpness_aware_step(model, state, data):
         )
 
     def one_pass(opt):
-        return present(clean.gradient()), opt, true
+        # A plain step: g, or the optimizer's one-pass gradient (LookSAM).
+        def gradient():
+            g_use = sam.one_pass_gradients(g_own, variables)
+            if g_use is None:
+                return clean.gradient()
+            return sam_optimizers.scale_gradients(optimizer, g_use)
 
-    # Whether to update: a tensor inside the `sam_every` conditional.
-    true = True if sam.sam_every == 1 else ops.convert_to_tensor(True)
-    if sam.sam_every == 1:
-        g_use, opt, update = two_pass(opt)
+        return present(hooks.run(opt, gradient)[0]), opt, true
+
+    # Two passes or one: fixed for this program when the host chose
+    # (`SAMModel` compiles one program per kind), else decided here by
+    # the schedule, whose statistics only absorb a finite g.
+    kind = "two" if sam.schedule.always else model.pass_kind
+    true = True if kind else ops.convert_to_tensor(True)
+    if kind == "two":
+        (g_use, opt, update), two = two_pass(opt), True
+    elif kind == "one":
+        (g_use, opt, update), two = one_pass(opt), False
     else:
-        perturb, _ = hooks.run(opt, sam.should_perturb)
+        grad_sq = backend.all_reduce([parts.squared_norm(g_own)])[0]
+        two, new_opt = hooks.run(opt, lambda: sam.should_perturb(grad_sq))
+        opt = parts.select(clean_finite, new_opt, opt)
         g_use, opt, update = ops.cond(
-            perturb, lambda: two_pass(opt), lambda: one_pass(opt)
+            two, lambda: two_pass(opt), lambda: one_pass(opt)
         )
+    _, opt = hooks.run(opt, lambda: sam.count_step(two))
     g_use = parts.fill(clean.present, g_use, len(w))
     if sam_optimizers.has_loss_scaling(optimizer):
         # Every replica skips when one does (Keras' LossScaleOptimizer

@@ -42,6 +42,10 @@ CASES = {
     "asam_per_replica": ("asam", {}),
     # JAX: the two gradients at once, one device each.
     "sampa": ("sampa", {}),
+    # Cheap variants (issue 16): the host-side schedule under a strategy,
+    # and MomentumSAM (its eps is the same on every replica).
+    "every3_sync": ("sam", {"sync_perturbation": True, "sam_every": 3}),
+    "msam": ("msam", {}),
 }
 
 
@@ -65,6 +69,8 @@ def _train(variant, kwargs, x, y, loss_scale=False):
             optimizer = keras_sam.optimizers.SAM(inner, rho=0.1, **kwargs)
         elif variant == "sampa":
             optimizer = keras_sam.optimizers.SAMPa(inner, rho=0.1, lam=0.2)
+        elif variant == "msam":
+            optimizer = keras_sam.optimizers.MomentumSAM(inner, rho=0.3)
         else:
             optimizer = keras_sam.optimizers.ASAM(inner, rho=0.5, **kwargs)
         if loss_scale:

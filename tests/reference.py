@@ -674,4 +674,69 @@ def train_rsam_stiefel_layer(params, batches, rho, flat_rho, lr):
         params = [stiefel_retract(u, step_u)] + [
             w - lr * ga for w, ga in zip(params[1:], g_adv[1:])
         ]
+
+
+# The cheap variants (issue 16), with Keras SGD as the inner optimizer.
+
+
+def _dot(a, b):
+    return sum(np.sum(x * y) for x, y in zip(a, b))
+
+
+def adaptive_decisions(grad_sq, total_steps, decay=0.9, lambda_1=-1.0,
+                       lambda_2=1.0):
+    """AE-SAM: (decisions, mean, variance) over a sequence of ||g_t||^2.
+
+    mu_t = d mu + (1 - d) x_t; s2_t = d s2 + (1 - d)(x_t - mu_t)^2;
+    c_t = l1 t/T + l2 (1 - t/T); SAM iff x_t >= mu_t + c_t sqrt(s2_t).
+    """
+    mean = variance = 0.0
+    decisions = []
+    for t, x in enumerate(grad_sq):
+        mean = decay * mean + (1 - decay) * x
+        variance = decay * variance + (1 - decay) * (x - mean) ** 2
+        f = min(t / total_steps, 1.0)
+        c = lambda_1 * f + lambda_2 * (1 - f)
+        decisions.append(x >= mean + c * np.sqrt(variance))
+    return decisions, mean, variance
+
+
+def train_variant(params, batches, loss_and_grads, lr, momentum, variant,
+                  rho=0.05, alpha=0.1, k=1):
+    """GSAM, LookSAM or MomentumSAM with Keras SGD; final parameters.
+
+    gsam:    g_use = g_adv - alpha (g - <g, g_adv>/||g_adv||^2 g_adv)
+    looksam: every k: g_v = g_adv - <g, g_adv>/||g||^2 g, g_use = g_adv;
+             else g_use = g + alpha ||g||/||g_v|| g_v
+    msam:    g_use = grad L(w - rho v/||v||), v the accumulated gradient
+             (Keras' SGD velocity is -lr v, so v/||v|| = -vel/||vel||)
+    """
+    params = [np.array(p, dtype=np.float64) for p in params]
+    velocity = [np.zeros_like(p) for p in params]
+    g_v = [np.zeros_like(p) for p in params]
+    for step, (x, y) in enumerate(batches):
+        if variant == "msam":
+            norm = np.sqrt(_dot(velocity, velocity))
+            w_adv = [p + rho * v / (norm + EPS) for p, v in zip(params,
+                                                              velocity)]
+            _, g_use = loss_and_grads(w_adv, x, y)
+        else:
+            _, g = loss_and_grads(params, x, y)
+            if variant == "looksam" and step % k != 0:
+                scale = alpha * np.sqrt(_dot(g, g)) / (
+                    np.sqrt(_dot(g_v, g_v)) + EPS)
+                g_use = [gi + scale * vi for gi, vi in zip(g, g_v)]
+            else:
+                eps = sam_eps(g, rho)
+                _, g_adv = loss_and_grads(
+                    [p + e for p, e in zip(params, eps)], x, y)
+                if variant == "gsam":
+                    c = _dot(g, g_adv) / (_dot(g_adv, g_adv) + EPS)
+                    g_use = [a - alpha * (gi - c * a)
+                             for a, gi in zip(g_adv, g)]
+                else:
+                    c = _dot(g, g_adv) / (_dot(g, g) + EPS)
+                    g_v = [a - c * gi for a, gi in zip(g_adv, g)]
+                    g_use = g_adv
+        params, velocity = sgd_step(params, g_use, velocity, lr, momentum)
     return params

@@ -95,3 +95,19 @@ def test_cifar10_loader_on_mock_data():
         assert 0 <= y.min() and y.max() < 10
     assert len(train[0]) == 18 and len(val[0]) == 2
     assert np.array_equal(test[1], y_test)
+
+
+def test_equal_compute_main_tiny(tmp_path):
+    equal_compute = _load("equal_compute")
+    report = equal_compute.main(
+        ["--quick", "--methods", "sam_every5,msam", "--out", str(tmp_path)]
+    )
+    summary = report["summary"]
+    assert list(summary) == ["plain", "sam", "sam_every5", "msam", "plain_long"]
+    assert summary["plain"]["cost"] == 1.0
+    assert summary["sam"]["sam_fraction"] == 1.0
+    assert summary["msam"]["sam_fraction"] == 0.0
+    assert 0.0 < summary["sam_every5"]["sam_fraction"] < 0.3
+    for name in ("equal_compute.json", "equal_compute.md", "equal_compute.png"):
+        assert (tmp_path / name).exists()
+    assert report["conclusion"]

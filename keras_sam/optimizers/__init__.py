@@ -2,8 +2,9 @@
 
 `SAM`, `ASAM` and `RSAM` compute one perturbation and differ only in its
 metric, projection and retraction (see `keras_sam.optimizers.sam`); the
-step that uses them is `keras_sam.step`. `SAMPa` perturbs with the gradient
-of the previous step's auxiliary point, so its two gradients are
+cheaper variants `LookSAM`, `GSAM` and `MomentumSAM` are small sets of
+hooks on the same step, `keras_sam.step`. `SAMPa` perturbs with the
+gradient of the previous step's auxiliary point, so its two gradients are
 independent (`keras_sam._parallel_step`).
 """
 
@@ -12,7 +13,11 @@ import keras
 from keras_sam.optimizers.asam import ASAM
 from keras_sam.optimizers.chain import find_optimizer
 from keras_sam.optimizers.chain import has_loss_scaling
+from keras_sam.optimizers.chain import scale_gradients
 from keras_sam.optimizers.chain import unscale_gradients
+from keras_sam.optimizers.gsam import GSAM
+from keras_sam.optimizers.looksam import LookSAM
+from keras_sam.optimizers.msam import MomentumSAM
 from keras_sam.optimizers.rsam import RSAM
 from keras_sam.optimizers.sam import SAM
 from keras_sam.optimizers.sampa import SAMPa
@@ -20,7 +25,16 @@ from keras_sam.optimizers.sam import find_sam
 from keras_sam.optimizers.sam import get_inner
 from keras_sam.optimizers.sam import is_weight_like
 
-_REGISTRY = {"sam": SAM, "asam": ASAM, "rsam": RSAM, "sampa": SAMPa}
+_REGISTRY = {
+    "sam": SAM,
+    "asam": ASAM,
+    "rsam": RSAM,
+    "looksam": LookSAM,
+    "gsam": GSAM,
+    "momentumsam": MomentumSAM,
+    "msam": MomentumSAM,
+    "sampa": SAMPa,
+}
 
 
 def register(name, cls):

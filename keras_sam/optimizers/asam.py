@@ -37,6 +37,8 @@ class ASAM(SAM):
         normalize: Boolean, see `SAM` (`False`: `eps = rho * T^2 g`).
             Defaults to `True`.
         name: String, the name of the optimizer. Defaults to `"asam"`.
+        schedule: Optional `keras_sam.schedules` object, see `SAM`.
+            Defaults to `None`.
 
     Example:
 
@@ -58,6 +60,7 @@ class ASAM(SAM):
         sync_perturbation=False,
         num_batch_splits=1,
         normalize=True,
+        schedule=None,
     ):
         eta = check_float("eta", eta, low=0.0, low_open=True)
         super().__init__(
@@ -68,6 +71,7 @@ class ASAM(SAM):
             sync_perturbation=sync_perturbation,
             num_batch_splits=num_batch_splits,
             normalize=normalize,
+            schedule=schedule,
         )
         self.eta = float(eta)
 

@@ -34,13 +34,8 @@ def has_loss_scaling(optimizer):
     return find_optimizer(optimizer, loss_scale) is not None
 
 
-def unscale_gradients(optimizer, grads):
-    """Divides gradients of a scaled loss by the loss scale of `optimizer`.
-
-    `optimizer.scale_loss` may multiply the loss by a `LossScaleOptimizer`'s
-    dynamic scale and by an inner optimizer's `loss_scale_factor`; the
-    perturbation norm must be taken on the true gradient.
-    """
+def _loss_scale(optimizer):
+    """The product of the loss scales in the chain, or `None`."""
     scale = None
     while optimizer is not None:
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -52,6 +47,29 @@ def unscale_gradients(optimizer, grads):
         if factor is not None:
             scale = factor if scale is None else ops.multiply(scale, factor)
         optimizer = getattr(optimizer, "inner_optimizer", None)
+    return scale
+
+
+def scale_gradients(optimizer, grads):
+    """Multiplies true gradients by the loss scale of `optimizer` (the
+    inverse of `unscale_gradients`): what the chain's `apply` expects."""
+    scale = _loss_scale(optimizer)
+    if scale is None:
+        return list(grads)
+    return [
+        None if g is None else ops.multiply(g, ops.cast(scale, g.dtype))
+        for g in grads
+    ]
+
+
+def unscale_gradients(optimizer, grads):
+    """Divides gradients of a scaled loss by the loss scale of `optimizer`.
+
+    `optimizer.scale_loss` may multiply the loss by a `LossScaleOptimizer`'s
+    dynamic scale and by an inner optimizer's `loss_scale_factor`; the
+    perturbation norm must be taken on the true gradient.
+    """
+    scale = _loss_scale(optimizer)
     if scale is None:
         return list(grads)
     return [

@@ -23,6 +23,7 @@ import contextlib
 import keras
 from keras import ops
 
+from keras_sam import schedules as sam_schedules
 from keras_sam._validation import check_bool
 from keras_sam._validation import check_positive_int
 from keras_sam._validation import check_rho
@@ -120,7 +121,8 @@ class SAM(keras.optimizers.Optimizer):
             so it can be changed during training without retracing.
             Defaults to `0.05`.
         sam_every: Integer >= 1. Run the two-pass step on every
-            `sam_every`-th step and a plain step (one pass) otherwise.
+            `sam_every`-th step and a plain step (one pass) otherwise:
+            shorthand for `schedule=keras_sam.schedules.Every(sam_every)`.
             Defaults to `1`.
         sync_perturbation: Boolean. On several devices
             (`tf.distribute`, `keras.distribution`), each replica perturbs
@@ -140,6 +142,12 @@ class SAM(keras.optimizers.Optimizer):
             projected `D^-1 g`), so rho is then a step size, not a radius.
             Defaults to `True`.
         name: String, the name of the optimizer. Defaults to `"sam"`.
+        schedule: Optional `keras_sam.schedules` object choosing which
+            steps run the two passes: `Every(k)`, `Random(p, seed)` (RST)
+            or `Adaptive(total_steps)` (AE-SAM). `Every` and `Random` are
+            decided on the host, so a plain step runs a program compiled
+            for one pass. `logs["sam_fraction"]` is the fraction of
+            two-pass steps so far. Defaults to `None` (`Every(sam_every)`).
 
     Example:
 
@@ -168,6 +176,7 @@ class SAM(keras.optimizers.Optimizer):
         sync_perturbation=False,
         num_batch_splits=1,
         normalize=True,
+        schedule=None,
     ):
         super().__init__(learning_rate=0.0, name=name or self._default_name())
         self.normalize = check_bool("normalize", normalize)
@@ -178,6 +187,16 @@ class SAM(keras.optimizers.Optimizer):
             rho if self.radius is None else self.radius.initial
         )
         self.sam_every = check_positive_int("sam_every", sam_every)
+        if schedule is not None and self.sam_every != 1:
+            raise ValueError(
+                "Give either `sam_every` or `schedule`, not both. Received: "
+                f"sam_every={sam_every}, schedule={schedule!r}"
+            )
+        self.schedule = (
+            sam_schedules.Every(self.sam_every)
+            if schedule is None
+            else sam_schedules.get(schedule)
+        )
         self.sync_perturbation, self.num_batch_splits = _check_splits(
             sync_perturbation, num_batch_splits
         )
@@ -196,6 +215,22 @@ class SAM(keras.optimizers.Optimizer):
             dtype="float32",
             aggregation="only_first_replica",
             name="adv_nonfinite",
+        )
+        # Training steps taken, and how many of them ran two passes: the
+        # schedule's clock (saved, so a resumed run takes the same
+        # decisions) and `logs["sam_fraction"]`. Float32 counts exactly
+        # up to 2^24 steps.
+        self.steps = self._counter("steps")
+        self.sam_steps = self._counter("sam_steps")
+        self.schedule_state = self.schedule.create_variables(self)
+
+    def _counter(self, name):
+        return self.add_variable(
+            shape=(),
+            initializer="zeros",
+            dtype="float32",
+            aggregation="only_first_replica",
+            name=name,
         )
 
     @classmethod
@@ -265,9 +300,50 @@ class SAM(keras.optimizers.Optimizer):
 
     # ---- the sharpness-aware perturbation ----
 
-    def should_perturb(self):
-        """Boolean tensor: is the current step a two-pass (SAM) step?"""
-        return ops.equal(ops.mod(self.iterations, self.sam_every), 0)
+    # ---- the schedule: which steps run two passes ----
+
+    # The kind of step this optimizer's programs run: `"two"` and `"one"`
+    # passes, chosen by the schedule, or `"single"`, one pass at a point
+    # perturbed before it (MomentumSAM).
+    single_pass = False
+
+    def host_schedule(self, steps_per_execution=1):
+        """Whether the host picks each step's program (two or one pass)."""
+        return (
+            not self.single_pass
+            and not self.schedule.always
+            and self.schedule.host
+            and steps_per_execution == 1
+        )
+
+    def should_perturb(self, grad_sq=None):
+        """Boolean tensor: is the current step a two-pass (SAM) step?
+
+        The schedule decided inside the step (it may update its own
+        statistics from `grad_sq`, `||g||^2` of the clean gradient).
+        """
+        return self.schedule.two_pass_in_graph(
+            self.steps, grad_sq, self.schedule_state
+        )
+
+    def count_step(self, two_pass):
+        """Counts a step, and whether it ran two passes."""
+        self.steps.assign(ops.add(self.steps, 1.0))
+        self.sam_steps.assign(
+            ops.add(self.sam_steps, ops.cast(two_pass, "float32"))
+        )
+
+    def combine_gradients(self, grads, grads_adv, trainable_variables):
+        """The gradient to apply on a two-pass step, from the unscaled
+        clean `g` and adversarial `g_adv`; `None` (SAM) applies `g_adv`.
+        GSAM returns its surrogate-gap gradient here."""
+        return None
+
+    def one_pass_gradients(self, grads, trainable_variables):
+        """The gradient to apply on a one-pass step, from the unscaled
+        clean `g`; `None` (SAM) applies `g`. LookSAM adds its stored
+        direction here."""
+        return None
 
     def perturbation(self, grads, trainable_variables, values=None):
         """eps per variable: `rho * xi / (||xi||_D + 1e-12)`, xi = P(D^-1 g)
@@ -386,7 +462,13 @@ class SAM(keras.optimizers.Optimizer):
 
     def log_values(self):
         """Scalars the step writes into `logs` (read after the update)."""
-        values = {"rho": self.rho, "adv_nonfinite": self.adv_nonfinite}
+        values = {
+            "rho": self.rho,
+            "adv_nonfinite": self.adv_nonfinite,
+            "sam_fraction": ops.divide(
+                self.sam_steps, ops.maximum(self.steps, 1.0)
+            ),
+        }
         if self.radius is not None:
             values.update(self.radius.log_values())
         return values
@@ -425,6 +507,15 @@ class SAM(keras.optimizers.Optimizer):
             "sync_perturbation": self.sync_perturbation,
             "num_batch_splits": self.num_batch_splits,
             "normalize": self.normalize,
+            "schedule": (
+                None
+                if self.sam_every != 1
+                or (
+                    isinstance(self.schedule, sam_schedules.Every)
+                    and self.schedule.k == 1
+                )
+                else keras.saving.serialize_keras_object(self.schedule)
+            ),
         }
 
     @classmethod
@@ -439,6 +530,8 @@ class SAM(keras.optimizers.Optimizer):
         config["optimizer"] = keras.saving.deserialize_keras_object(
             config["optimizer"], custom_objects=custom_objects
         )
+        if isinstance(config.get("schedule"), dict):
+            config["schedule"] = sam_schedules.get(config["schedule"])
         if isinstance(config.get("rho"), dict):
             config["rho"] = keras.saving.deserialize_keras_object(
                 config["rho"], custom_objects=custom_objects

@@ -137,6 +137,7 @@ class SAMPa(SAM):
             "sync_perturbation",
             "num_batch_splits",
             "normalize",
+            "schedule",
         ):
             config.pop(key, None)
         config["lam"] = self.lam

@@ -1,0 +1,153 @@
+"""`GSAM`: SAM that also descends the surrogate gap."""
+
+import keras
+from keras import ops
+
+from keras_sam._step_parts import dot
+from keras_sam._step_parts import squared_norm
+from keras_sam._validation import check_float
+from keras_sam._validation import check_rho
+from keras_sam.optimizers.sam import SAM
+
+_NORM_EPSILON = 1e-12
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class GSAM(SAM):
+    """Surrogate Gap Guided SAM: SAM's gradient minus part of the clean one.
+
+    The clean gradient is split into its components parallel and
+    orthogonal to the adversarial one; stepping against the orthogonal
+    part lowers the surrogate gap `L(w + eps) - L(w)` without changing the
+    perturbed loss to first order:
+
+    ```
+    g      = grad L(w)
+    g_adv  = grad L(w + eps)                     # eps as in SAM
+    g_perp = g - (<g, g_adv> / ||g_adv||^2) g_adv
+    w      = inner_optimizer.update(w, g_adv - alpha * g_perp)
+    ```
+
+    With `rho_min`, rho follows the learning rate, as in the paper:
+
+    ```
+    rho_t = rho_min + (rho - rho_min) * (lr_t - lr_min) / (lr_max - lr_min)
+    ```
+
+    Args:
+        optimizer: The inner optimizer: a `keras.optimizers.Optimizer`
+            instance or a name/config accepted by `keras.optimizers.get`.
+            Defaults to `"sgd"`.
+        rho: Float >= 0, the radius (`rho_max` when rho follows the
+            learning rate). Defaults to `0.05`.
+        alpha: Float >= 0, the weight of the surrogate-gap direction.
+            `alpha=0` is SAM. Defaults to `0.1`.
+        rho_min: Optional float in `[0, rho]`. If given, rho follows the
+            learning rate from `rho` at `lr_max` to `rho_min` at `lr_min`.
+            Defaults to `None` (constant rho).
+        lr_max: Optional float, the learning rate at which rho is `rho`.
+            Defaults to `None`: the inner optimizer's learning rate at
+            step 0.
+        lr_min: Float, the learning rate at which rho is `rho_min`.
+            Defaults to `0.0`.
+        name: String, the name of the optimizer. Defaults to `"gsam"`.
+        **kwargs: Further arguments of `keras_sam.optimizers.SAM`
+            (`sam_every`, `schedule`, `sync_perturbation`,
+            `num_batch_splits`).
+
+    Example:
+
+    >>> lr = keras.optimizers.schedules.CosineDecay(0.1, decay_steps=1000)
+    >>> optimizer = keras_sam.optimizers.GSAM(
+    ...     keras.optimizers.SGD(lr, momentum=0.9), rho=0.05, alpha=0.1,
+    ...     rho_min=0.01)
+
+    References:
+        - Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization
+          (GSAM), ICLR 2022.
+    """
+
+    def __init__(
+        self,
+        optimizer="sgd",
+        rho=0.05,
+        alpha=0.1,
+        rho_min=None,
+        lr_max=None,
+        lr_min=0.0,
+        name=None,
+        **kwargs,
+    ):
+        alpha = check_float("alpha", alpha, low=0.0)
+        super().__init__(optimizer, rho=rho, name=name, **kwargs)
+        self.alpha = alpha
+        self.rho_min = None if rho_min is None else check_rho(rho_min, "rho_min")
+        self.lr_min = check_float("lr_min", lr_min)
+        if lr_max is None and self.rho_min is not None:
+            lr_max = float(
+                ops.convert_to_numpy(self.inner_optimizer.learning_rate)
+            )
+        self.lr_max = None if lr_max is None else check_float("lr_max", lr_max)
+        if self.rho_min is not None:
+            if self.radius is not None:
+                raise ValueError(
+                    "`rho_min` (rho following the learning rate) cannot be "
+                    "combined with a `LearnedRadius`. Received: "
+                    f"rho_min={rho_min}, rho=LearnedRadius(...)"
+                )
+            if self.rho_min > self.initial_rho:
+                raise ValueError(
+                    "`rho_min` must be <= `rho`. Received: "
+                    f"rho_min={self.rho_min}, rho={self.initial_rho}"
+                )
+            if self.lr_max == self.lr_min:
+                raise ValueError(
+                    "`lr_max` and `lr_min` must differ. Received: "
+                    f"lr_max={self.lr_max}, lr_min={self.lr_min}"
+                )
+
+    def on_clean_pass(self, loss, grads, trainable_variables, auxiliary):
+        super().on_clean_pass(loss, grads, trainable_variables, auxiliary)
+        if self.rho_min is None:
+            return
+        lr = ops.cast(self.learning_rate, "float32")
+        fraction = (lr - self.lr_min) / (self.lr_max - self.lr_min)
+        self.rho.assign(
+            self.rho_min + (self.initial_rho - self.rho_min) * fraction
+        )
+
+    def combine_gradients(self, grads, grads_adv, trainable_variables):
+        if self.alpha == 0.0:
+            return None  # SAM, bit for bit
+        # g_perp = g - (<g, g_adv> / ||g_adv||^2) g_adv
+        coefficient = ops.divide(
+            dot(grads, grads_adv),
+            ops.add(squared_norm(grads_adv), _NORM_EPSILON),
+        )
+        combined = []
+        for g, g_adv in zip(grads, grads_adv):
+            if g is None or g_adv is None:
+                combined.append(g_adv)
+                continue
+            g_perp = ops.subtract(
+                ops.cast(g, "float32"),
+                ops.multiply(coefficient, ops.cast(g_adv, "float32")),
+            )
+            combined.append(
+                ops.subtract(
+                    g_adv, ops.cast(ops.multiply(self.alpha, g_perp), g_adv.dtype)
+                )
+            )
+        return combined
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "alpha": self.alpha,
+                "rho_min": self.rho_min,
+                "lr_max": self.lr_max,
+                "lr_min": self.lr_min,
+            }
+        )
+        return config
