@@ -102,7 +102,11 @@ def train(method, initial, splits, epochs, args, total_steps):
     )
     seconds = time.perf_counter() - start
     _, acc = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
-    fraction = history.history.get("sam_fraction", [0.0])[-1]
+    # Logged under schedules that skip steps; else every step is two-pass
+    # (SAM, GSAM) or one-pass (plain, MomentumSAM).
+    sam = getattr(model, "sam_optimizer", None)
+    two_pass = sam is not None and not sam.single_pass
+    fraction = history.history.get("sam_fraction", [float(two_pass)])[-1]
     return float(acc), seconds, float(fraction)
 
 

@@ -461,14 +461,20 @@ class SAM(keras.optimizers.Optimizer):
         )
 
     def log_values(self):
-        """Scalars the step writes into `logs` (read after the update)."""
-        values = {
-            "rho": self.rho,
-            "adv_nonfinite": self.adv_nonfinite,
-            "sam_fraction": ops.divide(
+        """Scalars the step writes into `logs` (read after the update).
+
+        Only what can change: `sam_fraction` under a schedule that skips
+        steps, `adv_nonfinite` where there is an adversarial pass (every
+        scalar in `logs` is one more device-to-host copy per
+        `train_on_batch`, measured at about 0.5 ms on an H200).
+        """
+        values = {"rho": self.rho}
+        if not self.single_pass:
+            values["adv_nonfinite"] = self.adv_nonfinite
+        if not self.schedule.always:
+            values["sam_fraction"] = ops.divide(
                 self.sam_steps, ops.maximum(self.steps, 1.0)
-            ),
-        }
+            )
         if self.radius is not None:
             values.update(self.radius.log_values())
         return values
