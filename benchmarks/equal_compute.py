@@ -97,7 +97,10 @@ def train(method, initial, splits, epochs, args, total_steps):
     )
     start = time.perf_counter()
     history = model.fit(
-        x_train, y_train, batch_size=args.batch_size, epochs=epochs,
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=epochs,
         verbose=0,
     )
     seconds = time.perf_counter() - start
@@ -168,9 +171,10 @@ def verdict(summary, gain, key="passes"):
             ">= 80% of "
             f"SAM's gain of {100 * gain:.2f} points over plain."
         )
-    kept = ", ".join(
-        f"{m} {100 * summary[m]['gain_kept']:.0f}%" for m in cheap
-    ) or "none ran that cheaply"
+    kept = (
+        ", ".join(f"{m} {100 * summary[m]['gain_kept']:.0f}%" for m in cheap)
+        or "none ran that cheaply"
+    )
     return (
         f"No variant at <= 1.3x plain's cost {_COST_NAMES[key]} kept >= 80% of "
         "SAM's gain of "
@@ -210,12 +214,18 @@ def plot(summary, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, s in summary.items():
         ax.errorbar(
-            s["seconds_mean"], 100 * s["accuracy_mean"],
-            yerr=100 * s["accuracy_std"], fmt="o", capsize=3,
+            s["seconds_mean"],
+            100 * s["accuracy_mean"],
+            yerr=100 * s["accuracy_std"],
+            fmt="o",
+            capsize=3,
         )
         ax.annotate(
-            method, (s["seconds_mean"], 100 * s["accuracy_mean"]),
-            textcoords="offset points", xytext=(4, 4), fontsize=8,
+            method,
+            (s["seconds_mean"], 100 * s["accuracy_mean"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
         )
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("test accuracy (%)")
@@ -234,7 +244,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument(
-        "--methods", default=None,
+        "--methods",
+        default=None,
         help="comma-separated subset (plain, sam always run)",
     )
     parser.add_argument(
@@ -242,7 +253,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--out", default="equal_compute_results")
     parser.add_argument(
-        "--summarize", default=None,
+        "--summarize",
+        default=None,
         help="an equal_compute.json to summarize again (no training)",
     )
     args = parser.parse_args(argv)
@@ -264,7 +276,9 @@ def main(argv=None):
     unknown = sorted(set(methods) - set(table))
     if unknown:
         raise SystemExit(f"Unknown methods {unknown}; known: {list(table)}")
-    methods = ["plain", "sam"] + [m for m in methods if m not in ("plain", "sam")]
+    methods = ["plain", "sam"] + [
+        m for m in methods if m not in ("plain", "sam")
+    ]
     runs = {m: [] for m in methods + ["plain_long"]}
     for seed in range(args.seeds):
         splits = accuracy.make_splits("digits", args.noise, seed)
@@ -277,11 +291,18 @@ def main(argv=None):
                 method, initial, splits, args.epochs, args, total_steps
             )
             runs[method].append(
-                {"seed": seed, "accuracy": acc, "seconds": seconds,
-                 "sam_fraction": fraction, "epochs": args.epochs}
+                {
+                    "seed": seed,
+                    "accuracy": acc,
+                    "seconds": seconds,
+                    "sam_fraction": fraction,
+                    "epochs": args.epochs,
+                }
             )
-            print(f"seed {seed} {method}: {100 * acc:.2f}% in {seconds:.1f}s",
-                  flush=True)
+            print(
+                f"seed {seed} {method}: {100 * acc:.2f}% in {seconds:.1f}s",
+                flush=True,
+            )
         # Plain SGD for as long as SAM took on this seed.
         ratio = runs["sam"][-1]["seconds"] / runs["plain"][-1]["seconds"]
         epochs = max(args.epochs, int(round(args.epochs * ratio)))
@@ -289,11 +310,19 @@ def main(argv=None):
             "plain", initial, splits, epochs, args, total_steps
         )
         runs["plain_long"].append(
-            {"seed": seed, "accuracy": acc, "seconds": seconds,
-             "sam_fraction": 0.0, "epochs": epochs}
+            {
+                "seed": seed,
+                "accuracy": acc,
+                "seconds": seconds,
+                "sam_fraction": 0.0,
+                "epochs": epochs,
+            }
         )
-        print(f"seed {seed} plain_long ({epochs} epochs): {100 * acc:.2f}% "
-              f"in {seconds:.1f}s", flush=True)
+        print(
+            f"seed {seed} plain_long ({epochs} epochs): {100 * acc:.2f}% "
+            f"in {seconds:.1f}s",
+            flush=True,
+        )
     return write(runs, args)
 
 

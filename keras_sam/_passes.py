@@ -208,6 +208,8 @@ def single_pass_step(model, state, batches, hooks):
         # Every replica skips when one does.
         g = poison(backend.all_replicas(parts.all_finite(g)), g)
     new_state = state.replace(
-        non_trainable=passes.non_trainable, optimizer=opt, metrics=passes.metrics
+        non_trainable=passes.non_trainable,
+        optimizer=opt,
+        metrics=passes.metrics,
     )
     return g, new_state, loss[0], passes.y_pred, True

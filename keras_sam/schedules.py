@@ -70,9 +70,7 @@ def uniform_in_graph(seed, step):
     def mod(v):
         return ops.mod(ops.cast(v, "int32"), _P)
 
-    return ops.divide(
-        ops.cast(_mix(parts, mod), "float32"), float(_P)
-    )
+    return ops.divide(ops.cast(_mix(parts, mod), "float32"), float(_P))
 
 
 class Schedule:

@@ -146,13 +146,23 @@ def test_host_schedule_and_momentum_sam_on_two_replicas(result):
     batches = sam_setup.batches(x, y, 8, epochs=2)
     params = sam_setup.initial_params()
     every3 = reference.train_sam(
-        params, batches, reference.mlp_loss_and_grads, rho=0.1, lr=0.1,
-        momentum=0.9, sam_every=3,
+        params,
+        batches,
+        reference.mlp_loss_and_grads,
+        rho=0.1,
+        lr=0.1,
+        momentum=0.9,
+        sam_every=3,
     )
     got = result["cases"]["every3_sync"]
     assert sam_setup.max_difference(got, every3) < TOLERANCE
     msam = reference.train_variant(
-        params, batches, reference.mlp_loss_and_grads, 0.1, 0.9, "msam",
+        params,
+        batches,
+        reference.mlp_loss_and_grads,
+        0.1,
+        0.9,
+        "msam",
         rho=0.3,
     )
     assert sam_setup.max_difference(result["cases"]["msam"], msam) < TOLERANCE

@@ -51,10 +51,18 @@ def _train(sam_optimizer, epochs=2, **compile_kwargs):
 )
 def test_matches_numpy_reference(variant, make, kwargs):
     model, _, params, batches = _train(make())
-    defaults = {"gsam": {"alpha": 0.3, "rho": 0.1}, "looksam": {"rho": 0.1},
-                "msam": {"rho": 0.3}}[variant]
+    defaults = {
+        "gsam": {"alpha": 0.3, "rho": 0.1},
+        "looksam": {"rho": 0.1},
+        "msam": {"rho": 0.3},
+    }[variant]
     expected = reference.train_variant(
-        params, batches, reference.mlp_loss_and_grads, LR, 0.9, variant,
+        params,
+        batches,
+        reference.mlp_loss_and_grads,
+        LR,
+        0.9,
+        variant,
         **{**defaults, **kwargs},
     )
     assert setup.max_difference(setup.weights(model), expected) < 2e-5
@@ -92,9 +100,9 @@ def test_rho_zero_is_the_inner_optimizer(make):
     plain.compile(optimizer=_sgd(), loss="mse")
     x, y = setup.data(N)
     setup.fit(plain, x, y, BATCH, epochs=2)
-    assert setup.max_difference(
-        setup.weights(model), setup.weights(plain)
-    ) < 1e-6
+    assert (
+        setup.max_difference(setup.weights(model), setup.weights(plain)) < 1e-6
+    )
 
 
 def test_host_schedule_runs_one_pass_on_plain_steps():
@@ -122,9 +130,7 @@ def test_host_schedule_runs_one_pass_on_plain_steps():
 
 
 def _random_fraction(seed, p, steps):
-    return np.mean(
-        [schedules.uniform(seed, t) < p for t in range(steps)]
-    )
+    return np.mean([schedules.uniform(seed, t) < p for t in range(steps)])
 
 
 def test_random_host_and_in_graph_decisions_agree():
@@ -169,9 +175,9 @@ def test_resume_after_load_repeats_the_run(variant, tmp_path):
     history = loaded.fit(
         x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0
     )
-    assert setup.max_difference(
-        setup.weights(loaded), setup.weights(whole)
-    ) < 1e-6
+    assert (
+        setup.max_difference(setup.weights(loaded), setup.weights(whole)) < 1e-6
+    )
     assert history.history["sam_fraction"][-1] == pytest.approx(
         float(keras.ops.convert_to_numpy(whole.optimizer.sam_steps)) / 8
     )
@@ -196,9 +202,7 @@ def test_adaptive_statistics_match_numpy():
     decisions, mean, variance = reference.adaptive_decisions(grad_sq, 5)
     state = optimizer.schedule_state
     assert float(state["mean"].numpy()) == pytest.approx(mean, rel=1e-4)
-    assert float(state["variance"].numpy()) == pytest.approx(
-        variance, rel=1e-3
-    )
+    assert float(state["variance"].numpy()) == pytest.approx(variance, rel=1e-3)
     assert history.history["sam_fraction"][-1] == pytest.approx(
         np.mean(decisions)
     )

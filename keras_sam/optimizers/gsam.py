@@ -81,7 +81,9 @@ class GSAM(SAM):
         alpha = check_float("alpha", alpha, low=0.0)
         super().__init__(optimizer, rho=rho, name=name, **kwargs)
         self.alpha = alpha
-        self.rho_min = None if rho_min is None else check_rho(rho_min, "rho_min")
+        self.rho_min = (
+            None if rho_min is None else check_rho(rho_min, "rho_min")
+        )
         self.lr_min = check_float("lr_min", lr_min)
         if lr_max is None and self.rho_min is not None:
             lr_max = float(
@@ -135,7 +137,8 @@ class GSAM(SAM):
             )
             combined.append(
                 ops.subtract(
-                    g_adv, ops.cast(ops.multiply(self.alpha, g_perp), g_adv.dtype)
+                    g_adv,
+                    ops.cast(ops.multiply(self.alpha, g_perp), g_adv.dtype),
                 )
             )
         return combined

@@ -122,13 +122,15 @@ class LookSAM(SAM):
             ops.add(ops.sqrt(squared_norm(g_v)), _NORM_EPSILON),
         )
         return [
-            None
-            if g is None
-            else ops.add(
-                g,
-                ops.cast(
-                    ops.multiply(scale, ops.cast(v, "float32")), g.dtype
-                ),
+            (
+                None
+                if g is None
+                else ops.add(
+                    g,
+                    ops.cast(
+                        ops.multiply(scale, ops.cast(v, "float32")), g.dtype
+                    ),
+                )
             )
             for g, v in zip(grads, g_v)
         ]
