@@ -674,8 +674,10 @@ def train_rsam_stiefel_layer(params, batches, rho, flat_rho, lr):
         params = [stiefel_retract(u, step_u)] + [
             w - lr * ga for w, ga in zip(params[1:], g_adv[1:])
         ]
+    return params
 
 
+# ---------------------------------------------------------------------------
 # The cheap variants (issue 16), with Keras SGD as the inner optimizer.
 
 
