@@ -13,20 +13,15 @@ checks here read its output.
 - `num_batch_splits=2` on 2 replicas: 4 sub-batches.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from tests import reference
 from tests import sam_setup
+from tests import workers
 from tests.conftest import BACKEND
 
 TOLERANCE = 1e-5
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     BACKEND not in ("tensorflow", "jax"),
@@ -36,23 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def result():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.distributed_worker", BACKEND],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [
-        line
-        for line in completed.stdout.splitlines()
-        if line.startswith("RESULT ")
-    ]
-    assert completed.returncode == 0 and lines, completed.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = workers.run("distributed_worker", BACKEND)
     out["cases"] = {
         name: [np.asarray(w) for w in weights]
         for name, weights in out["cases"].items()

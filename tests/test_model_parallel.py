@@ -8,18 +8,12 @@ must be one shard of the weights (`w + eps` stays sharded like `w`), not a
 gathered copy.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from tests import sam_setup
+from tests import workers
 from tests.conftest import BACKEND
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "jax", reason="keras.distribution.ModelParallel: JAX backend"
@@ -28,23 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def result():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.model_parallel_worker"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [
-        line
-        for line in completed.stdout.splitlines()
-        if line.startswith("RESULT ")
-    ]
-    assert completed.returncode == 0 and lines, completed.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    return workers.run("model_parallel_worker")
 
 
 @pytest.mark.parametrize("name", ["sam", "asam", "rsam"])

@@ -8,8 +8,6 @@ per-replica SAM is the reference with 2 contiguous sub-batches,
 `sync_perturbation=True` the single-device reference.
 """
 
-import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,10 +17,10 @@ import pytest
 
 from tests import reference
 from tests import sam_setup
+from tests import workers
 from tests.conftest import BACKEND
 
 TOLERANCE = 1e-5
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "jax", reason="jax.distributed: JAX backend"
@@ -38,13 +36,11 @@ def _free_port():
 @pytest.fixture(scope="module")
 def results():
     port = str(_free_port())
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    workers = [
+    processes = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.multiprocess_worker", str(i), port],
-            cwd=ROOT,
-            env=env,
+            cwd=workers.ROOT,
+            env=workers.environment(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -53,20 +49,16 @@ def results():
     ]
     outputs = []
     try:
-        for worker in workers:
-            outputs.append(worker.communicate(timeout=300))
+        for process in processes:
+            outputs.append(process.communicate(timeout=300))
     finally:
-        for worker in workers:  # never leave a process behind
-            if worker.poll() is None:
-                worker.kill()
-                worker.communicate()
+        for process in processes:  # never leave a process behind
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     out = []
-    for worker, (stdout, stderr) in zip(workers, outputs):
-        lines = [
-            line for line in stdout.splitlines() if line.startswith("RESULT ")
-        ]
-        assert worker.returncode == 0 and lines, stderr[-3000:]
-        result = json.loads(lines[-1][len("RESULT ") :])
+    for process, (stdout, stderr) in zip(processes, outputs):
+        result = workers.result_of(process.returncode, stdout, stderr)
         result["cases"] = {
             name: [np.asarray(w) for w in weights]
             for name, weights in result["cases"].items()
