@@ -11,6 +11,7 @@ import jax
 import keras
 import numpy as np
 
+from keras_sam.backend import _one_replica
 from keras_sam.backend._one_replica import apply_if  # noqa: F401
 from keras_sam.backend._one_replica import no_grad  # noqa: F401
 from keras_sam.backend._one_replica import random_state  # noqa: F401
@@ -127,15 +128,14 @@ def in_parallel(fn, shared, first, second, data, between=None):
     """
     found = _data_parallel(data, groups=2)
     if found is None:
-        out_first = fn(shared, first, data)
-        if between is not None:
-            between()
-        return out_first, fn(shared, second, data)
+        return _one_replica.in_parallel(
+            fn, shared, first, second, data, between
+        )
     mesh, axis = found
     devices = np.asarray(mesh.devices).reshape(2, -1)
     pair_mesh = jax.sharding.Mesh(devices, ("pair", axis))
-    stacked = jax.tree.map(lambda a, b: jax.numpy.stack([a, b]), first, second)
     P = jax.sharding.PartitionSpec
+    packed = []  # the reduced outputs' layout, recorded while tracing
 
     def local(shared, first, second, data):
         # Both points come in replicated (no exchange); each half of the
@@ -149,10 +149,12 @@ def in_parallel(fn, shared, first, second, data, between=None):
             means, sums, batched = fn(shared, mine, data)
         finally:
             _REPLICA_AXES.pop()
-        reduced = _reduce(axis, means, sums)
         # One buffer per dtype: a few large exchanges, not one per leaf.
-        buffers = [b[None] for b in _pack(reduced)[0]]
-        return buffers, jax.tree.map(lambda t: t[None], batched)
+        buffers, layout = _pack(_reduce(axis, means, sums))
+        packed.append(layout)
+        return [b[None] for b in buffers], jax.tree.map(
+            lambda t: t[None], batched
+        )
 
     buffers, batched = jax.shard_map(
         local,
@@ -161,11 +163,9 @@ def in_parallel(fn, shared, first, second, data, between=None):
         out_specs=(P("pair"), P("pair", axis)),
         check_vma=False,
     )(shared, first, second, data)
-    # The structure of one call's output, traced abstractly (no compute).
-    unpack = _pack_structure(fn, shared, first, data)
     return tuple(
         (
-            *unpack([b[i] for b in buffers]),
+            *_unpack([b[i] for b in buffers], packed[0]),
             jax.tree.map(lambda t: t[i], batched),
         )
         for i in range(2)
@@ -173,7 +173,8 @@ def in_parallel(fn, shared, first, second, data, between=None):
 
 
 def _pack(tree):
-    """`(one flat buffer per dtype, treedef)` of a pytree's leaves."""
+    """`(one flat buffer per dtype, layout)` of a pytree's leaves; the
+    layout is what `_unpack` needs to rebuild the tree."""
     leaves, treedef = jax.tree.flatten(tree)
     dtypes = sorted({str(t.dtype) for t in leaves})
     buffers = [
@@ -182,34 +183,21 @@ def _pack(tree):
         )
         for dtype in dtypes
     ]
-    return buffers, treedef
+    shapes = [(str(t.dtype), t.shape) for t in leaves]
+    return buffers, (treedef, dtypes, shapes)
 
 
-def _pack_structure(fn, shared, first, data):
-    """The inverse of `_pack` for `_reduce(fn(...)[:2])`'s structure."""
-    shapes = jax.eval_shape(
-        lambda *args: _one_call(fn, *args), shared, first, data
-    )
-    leaves, treedef = jax.tree.flatten(shapes)
-    dtypes = sorted({str(t.dtype) for t in leaves})
-
-    def unpack(buffers):
-        offsets = dict.fromkeys(dtypes, 0)
-        by_dtype = dict(zip(dtypes, buffers))
-        out = []
-        for t in leaves:
-            dtype, size = str(t.dtype), int(np.prod(t.shape))
-            start = offsets[dtype]
-            out.append(by_dtype[dtype][start : start + size].reshape(t.shape))
-            offsets[dtype] = start + size
-        return jax.tree.unflatten(treedef, out)
-
-    return unpack
-
-
-def _one_call(fn, shared, first, data):
-    means, sums, _ = fn(shared, first, data)
-    return means, sums
+def _unpack(buffers, layout):
+    """The tree `_pack` flattened into `buffers`."""
+    treedef, dtypes, shapes = layout
+    offsets = dict.fromkeys(dtypes, 0)
+    by_dtype = dict(zip(dtypes, buffers))
+    leaves = []
+    for dtype, shape in shapes:
+        start, size = offsets[dtype], int(np.prod(shape))
+        leaves.append(by_dtype[dtype][start : start + size].reshape(shape))
+        offsets[dtype] = start + size
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def read(variables):
