@@ -2,10 +2,13 @@
 
 ```
 w_adv, y = points(w, g_y)           # from the state alone
-g_adv    = grad L_B(w_adv)          } backend.in_parallel: two groups of
+g_adv    = grad L_B'(w_adv)         } backend.in_parallel: two groups of
 g_next   = grad L_B(y)              } devices at once, else in turn
-g_use    = (1 - lam) g_adv + lam g_next;   g_y = g_next
+g_use    = (1 - lam) g_adv + lam g_next;   g_y = g_next;   B' = B
 ```
+
+B is the step's batch, B' the previous step's (kept in the optimizer, see
+`SAMPa.adversarial_data`).
 
 Same contract as `keras_sam.step.sharpness_aware_step`: values in, values
 out, `(grads, new_state, loss, y_pred, update)`, nothing assigned. The pass
@@ -31,14 +34,16 @@ from keras_sam._passes import StepState
 
 
 def sampa_step(model, state, data):
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    batch = keras.utils.unpack_x_y_sample_weight(data)
     sam, optimizer = model.sam_optimizer, model.optimizer
     variables, w = model.trainable_variables, state.trainable
     hooks = parts.Stateless(optimizer.variables)
 
-    # 1. the two points, from what the step starts from.
-    (w_adv, w_next), _ = hooks.run(
-        state.optimizer, lambda: sam.points(variables, w)
+    # 1. the two points and the adversarial batch, from what the step
+    # starts from.
+    (w_adv, w_next, (previous, keep_batch)), _ = hooks.run(
+        state.optimizer,
+        lambda: (*sam.points(variables, w), sam.adversarial_data(batch)),
     )
 
     def one_pass(shared, w_j, batch):
@@ -58,9 +63,8 @@ def sampa_step(model, state, data):
     adv, after = backend.in_parallel(
         one_pass,
         (state.non_trainable, state.metrics),
-        w_adv,
-        w_next,
-        (x, y, sample_weight),
+        (w_adv, previous),
+        (w_next, batch),
         between=lambda: backend.set_random_state(random_state),
     )
     (_, g_adv, _), _, _ = adv
@@ -73,6 +77,7 @@ def sampa_step(model, state, data):
         g_next_true = sam_optimizers.unscale_gradients(optimizer, g_next)
         # The same g_y on every replica (a replica context's sum).
         sam.keep(backend.all_reduce(g_next_true))
+        keep_batch()
         sam.count_step(True)  # both gradients, every step
         finite = parts.all_finite(g_adv_true), parts.all_finite(g_next_true)
         return sam.combine(g_adv, g_next), finite

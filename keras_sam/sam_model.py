@@ -264,12 +264,86 @@ class SAMModel(keras.Model):
             )
         return optimizer
 
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        sam = self.sam_optimizer
+        shapes = sam.batch_shapes() if hasattr(sam, "batch_shapes") else []
+        if config is not None and shapes:
+            # The optimizer keeps a batch (SAMPa): its buffers must exist
+            # before its saved state loads.
+            config = dict(config)
+            config["optimizer_batch"] = [
+                [list(shape), dtype] for shape, dtype in shapes
+            ]
+        return config
+
     def compile_from_config(self, config):
         # `compile` is overridden, so Keras leaves restoring it to us; it
         # builds the optimizer when the model is built, so the saved state
         # loads.
+        config = dict(config)
+        shapes = config.pop("optimizer_batch", None)
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
+        if shapes and self._wants_batch_spec():
+            self.sam_optimizer.build_batch(
+                [(tuple(shape), dtype) for shape, dtype in shapes]
+            )
+
+    # ---- optimizer state shaped like a training batch (SAMPa) ----
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        if self._wants_batch_spec():
+            if data_batch is None and iterator is not None:
+                data_batch = _first_batch(iterator)  # Keras resets it after
+            self._note_batch(data_batch)
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # TensorFlow's entry: without a strategy it builds nothing until
+        # the step is traced, where the batch size is not known.
+        if self._wants_batch_spec() and not getattr(
+            self, "_distribute_strategy", None
+        ):
+            if data_batch is None and iterator is not None:
+                data_batch = _first_batch(iterator)  # Keras resets it after
+            self._note_batch(data_batch)
+        return super()._maybe_symbolic_build(
+            iterator=iterator, data_batch=data_batch
+        )
+
+    def _wants_batch_spec(self):
+        sam = self.sam_optimizer
+        return sam is not None and getattr(sam, "keeps_batch", False)
+
+    def _note_batch(self, data_batch):
+        """Remembers the shapes of a batch about to be trained on (or
+        evaluated: `fit` notes its own batch last, before it builds its
+        train function)."""
+        if data_batch is None:
+            return
+        batch = keras.utils.unpack_x_y_sample_weight(data_batch)
+        leaves = [t for t in keras.tree.flatten(batch) if t is not None]
+        if all(None not in tuple(t.shape) for t in leaves):
+            self._batch_spec = keras.tree.map_structure(
+                lambda t: (
+                    None
+                    if t is None
+                    else keras.KerasTensor(tuple(t.shape), dtype=t.dtype)
+                ),
+                batch,
+            )
+
+    def _build_batch_state(self):
+        """Builds the optimizer's buffers for a training batch, once, from
+        the batch noted last, before the train function reads the state."""
+        spec = getattr(self, "_batch_spec", None)
+        if spec is None or not self._wants_batch_spec():
+            return
+        strategy = getattr(self, "distribute_strategy", None)
+        scope = strategy.scope() if strategy is not None else None
+        with scope or contextlib.nullcontext():
+            self.sam_optimizer.build_batch(spec)
 
     # ---- the host-side schedule: one program per kind of step ----
 
@@ -289,6 +363,7 @@ class SAMModel(keras.Model):
         `steps` variable once when it is built and at the start of each
         `fit` (or after `load_weights`), never per step.
         """
+        self._build_batch_state()
         sam = self.sam_optimizer
         if sam is None or not sam.host_schedule(self.steps_per_execution):
             return super().make_train_function(force=force)
@@ -377,6 +452,16 @@ class SAMModel(keras.Model):
             config.pop("model"), custom_objects=custom_objects
         )
         return cls(model, **config)
+
+
+def _first_batch(iterator):
+    """The first batch of a Keras epoch iterator (as Keras' own symbolic
+    build reads it; the trainer resets the iterator afterwards)."""
+    for _, _, data in iterator:
+        if isinstance(data, (list, tuple)):
+            return data[0]
+        return next(data)
+    return None
 
 
 def _step_of_kind(model, kind):

@@ -5,6 +5,8 @@ must be configured before the framework initializes:
 
     python -m tests.distributed_worker tensorflow   # MirroredStrategy
     python -m tests.distributed_worker jax          # keras.distribution
+    python -m tests.distributed_worker jax 4        # 4 devices: the cases
+                                                    # that equal one device
 
 Every case starts from `sam_setup.initial_params()` and trains 2 epochs of
 2 global batches of 8 samples (4 per replica) with SGD(0.1, momentum=0.9).
@@ -15,10 +17,13 @@ import os
 import sys
 
 BACKEND = sys.argv[1]
+DEVICES = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 os.environ["KERAS_BACKEND"] = BACKEND
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if BACKEND == "jax":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={DEVICES}"
+    )
 else:
     import tensorflow as tf
 
@@ -110,6 +115,14 @@ def _local_assign_probe():
 def main():
     x, y = sam_setup.data(16)
     out = {"cases": {}}
+    if DEVICES != 2:
+        # SAMPa: two halves of 2 devices, each data-parallel; synchronized
+        # SAM. Both equal one device.
+        for name in ("sampa", "sync"):
+            model = _train(*CASES[name], x, y)
+            out["cases"][name] = [w.tolist() for w in sam_setup.weights(model)]
+        print("RESULT " + json.dumps(out))
+        return
     for name, (variant, kwargs) in CASES.items():
         model = _train(variant, kwargs, x, y)
         out["cases"][name] = [w.tolist() for w in sam_setup.weights(model)]

@@ -106,9 +106,7 @@ def train_sam(
                 eps = asam_eps(params, g, rho, eta, weight_like)
             else:
                 eps = asam_eps_unnormalized(params, g, rho, eta, weight_like)
-            _, g = loss_and_grads(
-                [p + e for p, e in zip(params, eps)], x, y
-            )
+            _, g = loss_and_grads([p + e for p, e in zip(params, eps)], x, y)
         params, velocity = sgd_step(params, g, velocity, lr, momentum)
     return params
 
@@ -585,15 +583,37 @@ def train_rsam(
 #   g_y = grad(y_t+1); g_y = 0 before the first step.
 
 
-def train_sampa(params, batches, loss_and_grads, rho, lam, lr, momentum=0.0):
+def train_sampa(
+    params,
+    batches,
+    loss_and_grads,
+    rho,
+    lam,
+    lr,
+    momentum=0.0,
+    adversarial_batch="previous",
+):
+    """SAMPa (Xie et al.): g_adv at w + rho g_y/||g_y|| on the previous
+    batch (`"previous"`; the step's own on the first step and when the
+    batch's shape differs from the first batch's, which keeps nothing),
+    g_y at the auxiliary point on the step's batch."""
     params = [np.array(p, dtype=np.float64) for p in params]
     velocity = [np.zeros_like(p) for p in params]
     g_y = [np.zeros_like(p) for p in params]
+    kept, shape = None, batches[0][0].shape
     for x, y in batches:
+        adv_x, adv_y = (x, y)
+        if adversarial_batch == "previous":
+            if x.shape != shape:
+                kept = None
+            elif kept is not None:
+                adv_x, adv_y = kept
+            if x.shape == shape:
+                kept = (x, y)
         w_adv = [w + e for w, e in zip(params, sam_eps(g_y, rho))]
         # The auxiliary point: the inner step with g_y, its state discarded.
         y_next, _ = sgd_step(params, g_y, velocity, lr, momentum)
-        _, g_adv = loss_and_grads(w_adv, x, y)
+        _, g_adv = loss_and_grads(w_adv, adv_x, adv_y)
         _, g_y = loss_and_grads(y_next, x, y)
         g = [(1 - lam) * a + lam * b for a, b in zip(g_adv, g_y)]
         params, velocity = sgd_step(params, g, velocity, lr, momentum)
@@ -685,8 +705,9 @@ def _dot(a, b):
     return sum(np.sum(x * y) for x, y in zip(a, b))
 
 
-def adaptive_decisions(grad_sq, total_steps, decay=0.9, lambda_1=-1.0,
-                       lambda_2=1.0):
+def adaptive_decisions(
+    grad_sq, total_steps, decay=0.9, lambda_1=-1.0, lambda_2=1.0
+):
     """AE-SAM: (decisions, mean, variance) over a sequence of ||g_t||^2.
 
     mu_t = d mu + (1 - d) x_t; s2_t = d s2 + (1 - d)(x_t - mu_t)^2;
@@ -703,8 +724,17 @@ def adaptive_decisions(grad_sq, total_steps, decay=0.9, lambda_1=-1.0,
     return decisions, mean, variance
 
 
-def train_variant(params, batches, loss_and_grads, lr, momentum, variant,
-                  rho=0.05, alpha=0.1, k=1):
+def train_variant(
+    params,
+    batches,
+    loss_and_grads,
+    lr,
+    momentum,
+    variant,
+    rho=0.05,
+    alpha=0.1,
+    k=1,
+):
     """GSAM, LookSAM or MomentumSAM with Keras SGD; final parameters.
 
     gsam:    g_use = g_adv - alpha (g - <g, g_adv>/||g_adv||^2 g_adv)
@@ -719,23 +749,29 @@ def train_variant(params, batches, loss_and_grads, lr, momentum, variant,
     for step, (x, y) in enumerate(batches):
         if variant == "msam":
             norm = np.sqrt(_dot(velocity, velocity))
-            w_adv = [p + rho * v / (norm + EPS) for p, v in zip(params,
-                                                              velocity)]
+            w_adv = [
+                p + rho * v / (norm + EPS) for p, v in zip(params, velocity)
+            ]
             _, g_use = loss_and_grads(w_adv, x, y)
         else:
             _, g = loss_and_grads(params, x, y)
             if variant == "looksam" and step % k != 0:
-                scale = alpha * np.sqrt(_dot(g, g)) / (
-                    np.sqrt(_dot(g_v, g_v)) + EPS)
+                scale = (
+                    alpha
+                    * np.sqrt(_dot(g, g))
+                    / (np.sqrt(_dot(g_v, g_v)) + EPS)
+                )
                 g_use = [gi + scale * vi for gi, vi in zip(g, g_v)]
             else:
                 eps = sam_eps(g, rho)
                 _, g_adv = loss_and_grads(
-                    [p + e for p, e in zip(params, eps)], x, y)
+                    [p + e for p, e in zip(params, eps)], x, y
+                )
                 if variant == "gsam":
                     c = _dot(g, g_adv) / (_dot(g_adv, g_adv) + EPS)
-                    g_use = [a - alpha * (gi - c * a)
-                             for a, gi in zip(g_adv, g)]
+                    g_use = [
+                        a - alpha * (gi - c * a) for a, gi in zip(g_adv, g)
+                    ]
                 else:
                     c = _dot(g, g_adv) / (_dot(g, g) + EPS)
                     g_v = [a - c * gi for a, gi in zip(g_adv, g)]

@@ -26,8 +26,18 @@ def test_step_time_main_tiny(tmp_path):
     step_time = _load("step_time")
     out = tmp_path / "step_time.json"
     report = step_time.main(
-        ["--model", "tiny", "--batch-size", "4", "--steps", "5",
-         "--warmup", "1", "--out", str(out)]
+        [
+            "--model",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--steps",
+            "5",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
     )
     methods = [r["method"] for r in report["results"]]
     assert methods == list(step_time.method_table())
@@ -111,3 +121,18 @@ def test_equal_compute_main_tiny(tmp_path):
     for name in ("equal_compute.json", "equal_compute.md", "equal_compute.png"):
         assert (tmp_path / name).exists()
     assert report["conclusion"]
+
+
+def test_sampa_accuracy_main_quick(tmp_path):
+    sampa_accuracy = _load("sampa_accuracy")
+    report = sampa_accuracy.main(["--quick", "--out", str(tmp_path)])
+    assert report["picked_rho"] == {
+        "sam": 0.1,
+        "sampa": 0.1,
+        "sampa_current": 0.1,
+    }
+    assert set(report["results"]) == {"plain", "sam", "sampa", "sampa_current"}
+    for row in report["results"].values():
+        for scores in row.values():
+            assert all(0.0 <= a <= 1.0 for a in scores["test"])
+    assert (tmp_path / "sampa_accuracy.md").exists()

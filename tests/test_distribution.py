@@ -75,11 +75,9 @@ def test_asam_per_replica(result):
     assert sam_setup.max_difference(got, _expected(2, "asam")) < TOLERANCE
 
 
-def test_sampa_matches_single_device(result):
-    """SAMPa's two gradients (at once on two devices with JAX, per replica
-    with TensorFlow) give the one-device SAMPa trajectory."""
+def _sampa_reference():
     x, y = sam_setup.data(16)
-    expected = reference.train_sampa(
+    return reference.train_sampa(
         sam_setup.initial_params(),
         sam_setup.batches(x, y, 8, epochs=2),
         reference.mlp_loss_and_grads,
@@ -88,8 +86,24 @@ def test_sampa_matches_single_device(result):
         lr=0.1,
         momentum=0.9,
     )
+
+
+def test_sampa_matches_single_device(result):
+    """SAMPa's two gradients (at once on two devices with JAX, per replica
+    with TensorFlow) give the one-device SAMPa trajectory."""
     got = result["cases"]["sampa"]
-    assert sam_setup.max_difference(got, expected) < TOLERANCE
+    assert sam_setup.max_difference(got, _sampa_reference()) < TOLERANCE
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution")
+def test_four_devices_sampa_and_sync():
+    """On 4 devices SAMPa's halves have 2 devices each, data-parallel
+    within the half; synchronized SAM averages over all 4."""
+    out = workers.run("distributed_worker", BACKEND, 4)
+    got = [np.asarray(w) for w in out["cases"]["sampa"]]
+    assert sam_setup.max_difference(got, _sampa_reference()) < TOLERANCE
+    got = [np.asarray(w) for w in out["cases"]["sync"]]
+    assert sam_setup.max_difference(got, _expected(1)) < TOLERANCE
 
 
 def test_sync_perturbation_matches_single_device(result):

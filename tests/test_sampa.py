@@ -13,9 +13,11 @@ from tests import sam_setup
 from tests.conftest import BACKEND
 
 
-def _sampa(rho=0.1, lam=0.2, **inner):
+def _sampa(rho=0.1, lam=0.2, adversarial_batch="previous", **inner):
     sgd = keras.optimizers.SGD(0.1, momentum=0.9, **inner)
-    return optimizers.SAMPa(sgd, rho=rho, lam=lam)
+    return optimizers.SAMPa(
+        sgd, rho=rho, lam=lam, adversarial_batch=adversarial_batch
+    )
 
 
 def _trained(optimizer, x, y, epochs=2, **compile_kwargs):
@@ -25,11 +27,8 @@ def _trained(optimizer, x, y, epochs=2, **compile_kwargs):
     return model
 
 
-def test_matches_the_reference(mode):
-    rho, lam = 0.3, 0.5
-    x, y = sam_setup.data(16)
-    model = _trained(_sampa(rho, lam), x, y, **mode)
-    expected = reference.train_sampa(
+def _reference(x, y, rho, lam, adversarial_batch="previous"):
+    return reference.train_sampa(
         sam_setup.initial_params(),
         sam_setup.batches(x, y, 8, epochs=2),
         reference.mlp_loss_and_grads,
@@ -37,8 +36,19 @@ def test_matches_the_reference(mode):
         lam=lam,
         lr=0.1,
         momentum=0.9,
+        adversarial_batch=adversarial_batch,
     )
+
+
+def test_matches_the_reference(mode):
+    rho, lam = 0.3, 0.5
+    x, y = sam_setup.data(16)
+    model = _trained(_sampa(rho, lam), x, y, **mode)
+    expected = _reference(x, y, rho, lam)
     assert sam_setup.max_difference(sam_setup.weights(model), expected) < 1e-5
+    # The adversarial gradient really is taken on the previous batch.
+    current = _reference(x, y, rho, lam, adversarial_batch="current")
+    assert sam_setup.max_difference(expected, current) > 1e-3
     # ... and differs from SAM (the perturbation comes from g_y).
     sam = _trained(
         optimizers.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=rho),
@@ -50,12 +60,43 @@ def test_matches_the_reference(mode):
     )
 
 
-def test_rho_and_lam_zero_is_the_inner_optimizer():
+def test_adversarial_batch_current_matches_the_reference(mode):
     x, y = sam_setup.data(16)
-    model = _trained(_sampa(rho=0.0, lam=0.0), x, y)
+    model = _trained(
+        _sampa(0.3, 0.5, adversarial_batch="current"), x, y, **mode
+    )
+    expected = _reference(x, y, 0.3, 0.5, adversarial_batch="current")
+    assert sam_setup.max_difference(sam_setup.weights(model), expected) < 1e-5
+    # Nothing is kept: no buffers.
+    assert model.optimizer.batch_shapes() == []
+
+
+def test_partial_batches_take_their_own_batch():
+    """20 samples in batches of 8: each epoch ends with 4. That step, and
+    the next, take the adversarial gradient on their own batch."""
+    x, y = sam_setup.data(20)
+    model = _trained(_sampa(0.3, 0.5), x, y)
+    expected = _reference(x, y, 0.3, 0.5)
+    assert sam_setup.max_difference(sam_setup.weights(model), expected) < 1e-5
+    assert model.optimizer.batch_shapes() == [
+        ((8, sam_setup.D_IN), "float32"),
+        ((8, sam_setup.D_OUT), "float32"),
+    ]
+
+
+@pytest.mark.parametrize("adversarial_batch", ["previous", "current"])
+def test_rho_and_lam_zero_is_the_inner_optimizer(adversarial_batch):
+    """With `"current"`, exactly the inner optimizer; with `"previous"`, the
+    inner optimizer on the batches one step late (the first one twice)."""
+    x, y = sam_setup.data(16)
+    model = _trained(_sampa(0.0, 0.0, adversarial_batch), x, y)
     plain = sam_setup.mlp(sam_setup.initial_params())
     plain.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
-    sam_setup.fit(plain, x, y, batch_size=8, epochs=2)
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])] * 2
+    if adversarial_batch == "previous":
+        batches = batches[:1] + batches[:-1]
+    for batch_x, batch_y in batches:
+        plain.train_on_batch(batch_x, batch_y)
     for got, want in zip(model.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
@@ -107,6 +148,10 @@ def test_save_and_resume_exactly(tmp_path):
     assert optimizer.lam == 0.2
     for a, b in zip(model.optimizer.g_y, optimizer.g_y):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The kept batch is state too: the next step's adversarial batch.
+    assert optimizer.batch_shapes() == model.optimizer.batch_shapes()
+    for a, b in zip(model.optimizer._batch, optimizer._batch):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     sam_setup.fit(model, x, y, batch_size=8, epochs=1)
     sam_setup.fit(restored, x, y, batch_size=8, epochs=1)
     for a, b in zip(model.get_weights(), restored.get_weights()):
@@ -131,6 +176,8 @@ def test_non_finite_adversarial_gradient_skips_the_update():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="lam"):
         optimizers.SAMPa("sgd", lam=1.5)
+    with pytest.raises(ValueError, match="adversarial_batch.*'next'"):
+        optimizers.SAMPa("sgd", adversarial_batch="next")
     with pytest.raises(TypeError, match="rho"):
         optimizers.SAMPa(
             "sgd",

@@ -25,13 +25,13 @@ def per_replica(fn, state, data):
     return fn(state, data)
 
 
-def in_parallel(fn, shared, first, second, data, between=None):
-    """`(fn(shared, first, data), fn(shared, second, data))`, in turn;
-    `between()` runs between the two calls."""
-    out_first = fn(shared, first, data)
+def in_parallel(fn, shared, first, second, between=None):
+    """`(fn(shared, *first), fn(shared, *second))`, in turn; `between()`
+    runs between the two calls."""
+    out_first = fn(shared, *first)
     if between is not None:
         between()
-    return out_first, fn(shared, second, data)
+    return out_first, fn(shared, *second)
 
 
 def unscale_loss_for_distribution(loss):

@@ -7,6 +7,8 @@ The step is stateless on JAX (`keras_sam.step` returns the new state). A
 replica glue reduces over that axis. Elsewhere it is the identity.
 """
 
+import functools
+
 import jax
 import keras
 import numpy as np
@@ -117,52 +119,61 @@ def _reduce(axis, means, sums):
     return means, jax.tree.map(lambda t: jax.lax.psum(t, axis), sums)
 
 
-def in_parallel(fn, shared, first, second, data, between=None):
-    """`(fn(shared, first, data), fn(shared, second, data))`.
+def in_parallel(fn, shared, first, second, between=None):
+    """`(fn(shared, *first), fn(shared, *second))`, each of `first` and
+    `second` a `(point, batch)` pair; the two batches have one structure
+    and shape.
 
     Under a `keras.distribution.DataParallel` over an even number of
     devices, the two calls run at the same time: the devices split into two
     halves (a "pair" mesh axis), each half runs one call data-parallel over
-    the whole batch. `fn` returns `(means, sums, batched)` as in
+    its whole batch. `fn` returns `(means, sums, batched)` as in
     `per_replica`. Elsewhere the calls run in turn (`between()` between).
+
+    Both points and both batches enter every half (the points are cheap to
+    compute anywhere); the only exchange between the halves is one
+    all-gather of the two calls' reduced outputs, packed into one buffer
+    per dtype, and one of `batched`.
     """
-    found = _data_parallel(data, groups=2)
-    if found is None:
-        return _one_replica.in_parallel(
-            fn, shared, first, second, data, between
-        )
+    found = _data_parallel(first[1], groups=2)
+    if found is None or _data_parallel(second[1], groups=2) is None:
+        return _one_replica.in_parallel(fn, shared, first, second, between)
     mesh, axis = found
     devices = np.asarray(mesh.devices).reshape(2, -1)
     pair_mesh = jax.sharding.Mesh(devices, ("pair", axis))
+    # With one device per half there is nothing to reduce within a half
+    # (a reduction over one device still costs a collective on GPUs).
+    group = axis if devices.shape[1] > 1 else None
     P = jax.sharding.PartitionSpec
     packed = []  # the reduced outputs' layout, recorded while tracing
 
-    def local(shared, first, second, data):
-        # Both points come in replicated (no exchange); each half of the
-        # devices takes its own.
+    def local(shared, first, second):
         is_first = jax.lax.axis_index("pair") == 0
         mine = jax.tree.map(
             lambda a, b: jax.numpy.where(is_first, a, b), first, second
         )
-        _REPLICA_AXES.append(axis)
-        try:
-            means, sums, batched = fn(shared, mine, data)
-        finally:
-            _REPLICA_AXES.pop()
-        # One buffer per dtype: a few large exchanges, not one per leaf.
-        buffers, layout = _pack(_reduce(axis, means, sums))
+        if group is None:
+            means, sums, batched = fn(shared, *mine)
+        else:
+            _REPLICA_AXES.append(group)
+            try:
+                means, sums, batched = fn(shared, *mine)
+            finally:
+                _REPLICA_AXES.pop()
+            means, sums = _reduce(group, means, sums)
+        buffers, layout = _pack((means, sums))
         packed.append(layout)
-        return [b[None] for b in buffers], jax.tree.map(
-            lambda t: t[None], batched
-        )
+        # Every device gets both halves' outputs: `[2, ...]`, replicated.
+        gather = functools.partial(jax.lax.all_gather, axis_name="pair")
+        return [gather(b) for b in buffers], jax.tree.map(gather, batched)
 
     buffers, batched = jax.shard_map(
         local,
         mesh=pair_mesh,
-        in_specs=(P(), P(), P(), P(axis)),
-        out_specs=(P("pair"), P("pair", axis)),
+        in_specs=(P(), (P(), P(axis)), (P(), P(axis))),
+        out_specs=(P(), P(None, axis)),
         check_vma=False,
-    )(shared, first, second, data)
+    )(shared, first, second)
     return tuple(
         (
             *_unpack([b[i] for b in buffers], packed[0]),
