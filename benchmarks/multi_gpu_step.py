@@ -11,8 +11,14 @@ of the same network, from the same weights, in one process:
 | `sam_sync@N` (`sync_perturbation=True`) | N | N x B |
 | `sampa@N` (its two gradients at once, N/2 devices each) | N | B |
 
-B is `--per-device-batch`. The batch is placed on the devices once (split
-over them under a distribution), so steps pay no host transfer. The ratios that matter (targets from issue 18):
+B is `--per-device-batch`. With `--loop train_on_batch` (the default) the
+batch is placed on the devices once (split over them under a
+distribution), so steps pay no host transfer, but every call pays Keras'
+own per-call work (it writes the whole state back into the variables,
+per variable and per device). `--loop fit` times steps inside `fit`, as
+users train: the per-step time is the difference between `fit` over
+`--steps + 10` and over 10 batches (numpy data, fed by Keras), divided by
+`--steps`. The ratios that matter (targets from issue 18):
 `sam@N / sam@1` (per-replica SAM scales: at most 1.1), `sam_sync@N /
 sam@1` (at most 1.2), `sampa@N / plain@1` (SAMPa on two GPUs against one
 plain step at the same batch: at most 1.25). Every config is built and warmed
@@ -91,7 +97,8 @@ def _on_devices(array):
 
 
 def build(config, initial, args):
-    """The compiled model of a config, warmed up, with its batch."""
+    """The compiled model of a config, warmed up, with its batch (on the
+    devices for `train_on_batch`, numpy for `fit`)."""
     name, devices, multiple, make_optimizer = config
     keras.distribution.set_distribution(_distribution(devices))
     net = MODELS[args.model]()
@@ -106,17 +113,42 @@ def build(config, initial, args):
     rng = np.random.default_rng(0)
     x = rng.random((batch,) + IMAGE_SHAPE, dtype=np.float32)
     y = rng.integers(0, NUM_CLASSES, batch).astype("int32")
-    x, y = _on_devices(x), _on_devices(y)
-    for _ in range(args.warmup):
-        model.train_on_batch(x, y)
+    if args.loop == "fit":
+        x = np.concatenate([x] * (args.steps + 10))
+        y = np.concatenate([y] * (args.steps + 10))
+        _fit(model, x, y, batch, 10)  # compiles the step
+    else:
+        x, y = _on_devices(x), _on_devices(y)
+        for _ in range(args.warmup):
+            model.train_on_batch(x, y)
     keras.distribution.set_distribution(None)
     return model, x, y
+
+
+def _fit(model, x, y, batch, steps):
+    """Seconds of `fit` over the first `steps` batches of `(x, y)`."""
+    start = time.perf_counter()
+    model.fit(
+        x[: steps * batch],
+        y[: steps * batch],
+        batch_size=batch,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+    )
+    return time.perf_counter() - start
 
 
 def time_config(config, built, args):
     """Median seconds per step of a built config."""
     model, x, y = built
     keras.distribution.set_distribution(_distribution(config[1]))
+    if args.loop == "fit":
+        batch = args.per_device_batch * config[2]
+        short = min(_fit(model, x, y, batch, 10) for _ in range(2))
+        long = _fit(model, x, y, batch, args.steps + 10)
+        keras.distribution.set_distribution(None)
+        return (long - short) / args.steps
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -132,6 +164,9 @@ def main(argv=None):
     parser.add_argument("--per-device-batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--loop", choices=("train_on_batch", "fit"), default="train_on_batch"
+    )
     parser.add_argument("--out", default=None, help="JSON file")
     args = parser.parse_args(argv)
 
@@ -176,6 +211,7 @@ def main(argv=None):
                     "model": args.model,
                     "per_device_batch": args.per_device_batch,
                     "steps": args.steps,
+                    "loop": args.loop,
                     "ms": ms,
                     "ratios": ratios,
                 },
