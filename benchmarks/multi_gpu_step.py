@@ -1,7 +1,7 @@
 """Step time of SAM and SAMPa on several devices (JAX, `keras.distribution`).
 
-Times one training step (`train_on_batch` on a fixed batch, loss read back)
-of the same network, from the same weights, in one process:
+Times one training step of the same network, from the same weights, in one
+process:
 
 | config | devices | global batch |
 |---|---|---|
@@ -22,11 +22,11 @@ users train: the per-step time is the difference between `fit` over
 `sam@N / sam@1` (per-replica SAM scales: at most 1.1), `sam_sync@N /
 sam@1` (at most 1.2), `sampa@N / plain@1` (SAMPa on two GPUs against one
 plain step at the same batch: at most 1.25). Every config is built and warmed
-up first; then each is timed in its own block of `--steps` steps (median),
-in two rounds of opposite order; the smaller of its two medians is
-reported.
+up first; then each is timed in its own block (`train_on_batch`: the
+median of `--steps` calls; `fit`: as above), in two rounds of opposite
+order; the smaller of its two times is reported.
 
-    KERAS_BACKEND=jax python benchmarks/multi_gpu_step.py            # GPUs
+    KERAS_BACKEND=jax python benchmarks/multi_gpu_step.py --loop fit  # GPUs
     XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \\
         python benchmarks/multi_gpu_step.py --model tiny --steps 3     # CPU smoke
 """
