@@ -85,19 +85,21 @@ def sampa_step(model, state, data):
     (g_use, (adv_finite, next_finite)), opt = hooks.run(
         state.optimizer, combine
     )
-    both_finite = ops.logical_and(adv_finite, next_finite)
-    opt = parts.select(both_finite, opt, state.optimizer)
-    _, opt = hooks.run(
+    # Non-finite values as in the two-pass step, g_next in g's place.
+    g_use, opt, update = passes.settle(
+        sam,
+        optimizer,
+        hooks,
+        next_finite,
+        adv_finite,
         opt,
-        lambda: sam.count_nonfinite(
-            ops.logical_and(next_finite, ops.logical_not(adv_finite))
-        ),
+        state.optimizer,
+        g_use,
     )
     if sam_optimizers.has_loss_scaling(optimizer):
-        g_use = passes.poison(backend.all_replicas(both_finite), g_use)
-        update = True
-    else:
-        update = ops.logical_or(adv_finite, ops.logical_not(next_finite))
-        update = backend.all_replicas(update)
+        # Every replica skips when one does.
+        g_use = passes.poison(
+            backend.all_replicas(parts.all_finite(g_use)), g_use
+        )
     new_state = StepState(w, non_trainable, opt, metrics)
-    return g_use, new_state, loss, y_pred, update
+    return g_use, new_state, loss, y_pred, backend.all_replicas(update)

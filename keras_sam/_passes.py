@@ -152,6 +152,31 @@ def poison(flag, grads):
     ]
 
 
+def settle(sam, optimizer, hooks, first_finite, adv_finite, new, old, grads):
+    """`(grads, optimizer values, update)` for a step whose adversarial
+    gradient depends on a first one (SAM's clean gradient, SAMPa's
+    auxiliary one), given whether each is finite.
+
+    The hooks' new optimizer values `new` are kept only if both are;
+    a non-finite adversarial gradient after a finite first one is counted
+    (`logs["adv_nonfinite"]`). Without loss scaling that case skips the
+    update, and a non-finite first gradient reaches the weights as in plain
+    Keras; with loss scaling either one poisons `grads`, so the loss-scale
+    optimizer skips the step.
+    """
+    both = ops.logical_and(first_finite, adv_finite)
+    new = parts.select(both, new, old)
+    _, new = hooks.run(
+        new,
+        lambda: sam.count_nonfinite(
+            ops.logical_and(first_finite, ops.logical_not(adv_finite))
+        ),
+    )
+    if chain.has_loss_scaling(optimizer):
+        return poison(both, grads), new, True
+    return grads, new, ops.logical_or(adv_finite, ops.logical_not(first_finite))
+
+
 def auxiliary(model, state, hooks):
     """`[(loss, grads)]` of the optimizer's auxiliary batches at w
     (unscaled; in training mode, its state updates dropped, when

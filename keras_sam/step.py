@@ -150,24 +150,11 @@ def sharpness_aware_step(model, state, data):
             return pulled, parts.all_finite(g_adv_true)
 
         (g_adv, adv_finite), new_opt = hooks.run(opt, pull_back)
-        both_finite = ops.logical_and(clean_finite, adv_finite)
-        new_opt = parts.select(both_finite, new_opt, opt)
-        _, new_opt = hooks.run(
-            new_opt,
-            lambda: sam.count_nonfinite(
-                ops.logical_and(clean_finite, ops.logical_not(adv_finite))
-            ),
+        # Non-finite passes: skipped, counted, or poisoned for loss scaling.
+        g_adv, new_opt, update = passes.settle(
+            sam, optimizer, hooks, clean_finite, adv_finite, new_opt, opt, g_adv
         )
-        if sam_optimizers.has_loss_scaling(optimizer):
-            # A non-finite pass: the loss-scale optimizer skips the step.
-            return present(passes.poison(both_finite, g_adv)), new_opt, true
-        # Else a non-finite g_adv after a finite g skips the update; a
-        # non-finite g reaches the weights as in plain Keras.
-        return (
-            present(g_adv),
-            new_opt,
-            ops.logical_or(adv_finite, ops.logical_not(clean_finite)),
-        )
+        return present(g_adv), new_opt, true if update is True else update
 
     def one_pass(opt):
         # A plain step: g, or the optimizer's one-pass gradient (LookSAM).
@@ -265,9 +252,7 @@ def _stateless_train_step(model, state, data):
         )
     state = StepState(*(list(values) for values in state))
     with sam.sharpness_aware_step():
-        step = (
-            _parallel_step.sampa_step if sam.parallel_passes else _each_replica
-        )
+        step = _step_of(sam, per_replica=True)
         grads, new, loss, y_pred, update = step(model, state, data)
 
         w, opt = model.optimizer.stateless_apply(
@@ -284,11 +269,13 @@ def _stateless_train_step(model, state, data):
     return logs, (w, new.non_trainable, opt, metrics)
 
 
-def _step_of(sam):
-    """The step for `sam`: SAMPa's own, or the two-pass step."""
+def _step_of(sam, per_replica=False):
+    """The step for `sam`: SAMPa's own, or the two-pass step (once per
+    data-parallel replica of a `keras.distribution` when `per_replica`;
+    `tf.distribute` runs the stateful step per replica itself)."""
     if sam.parallel_passes:
         return _parallel_step.sampa_step
-    return sharpness_aware_step
+    return _each_replica if per_replica else sharpness_aware_step
 
 
 def _each_replica(model, state, data):
