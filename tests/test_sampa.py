@@ -184,3 +184,14 @@ def test_bad_arguments():
             rho=keras_sam.LearnedRadius(0.1, validation_data=sam_setup.data(8)),
         )
     assert isinstance(optimizers.get("sampa"), optimizers.SAMPa)
+
+
+@pytest.mark.skipif(
+    BACKEND == "torch", reason="Keras runs one step per execution on torch"
+)
+def test_steps_per_execution():
+    """Several steps in one compiled execution keep the batch rule."""
+    x, y = sam_setup.data(16)
+    model = _trained(_sampa(0.3, 0.5), x, y, steps_per_execution=2)
+    expected = _reference(x, y, 0.3, 0.5)
+    assert sam_setup.max_difference(sam_setup.weights(model), expected) < 1e-5
