@@ -96,10 +96,6 @@ def sampa_step(model, state, data):
         state.optimizer,
         g_use,
     )
-    if sam_optimizers.has_loss_scaling(optimizer):
-        # Every replica skips when one does.
-        g_use = passes.poison(
-            backend.all_replicas(parts.all_finite(g_use)), g_use
-        )
+    g_use = passes.skip_unless_finite_everywhere(optimizer, g_use)
     new_state = StepState(w, non_trainable, opt, metrics)
     return g_use, new_state, loss, y_pred, backend.all_replicas(update)

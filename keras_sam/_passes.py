@@ -177,6 +177,15 @@ def settle(sam, optimizer, hooks, first_finite, adv_finite, new, old, grads):
     return grads, new, ops.logical_or(adv_finite, ops.logical_not(first_finite))
 
 
+def skip_unless_finite_everywhere(optimizer, grads):
+    """Under loss scaling, `grads` poisoned on every replica when one has a
+    non-finite value (Keras' LossScaleOptimizer checks the first replica's
+    gradients only); else `grads`."""
+    if not chain.has_loss_scaling(optimizer):
+        return grads
+    return poison(backend.all_replicas(parts.all_finite(grads)), grads)
+
+
 def auxiliary(model, state, hooks):
     """`[(loss, grads)]` of the optimizer's auxiliary batches at w
     (unscaled; in training mode, its state updates dropped, when

@@ -267,7 +267,7 @@ class SAMModel(keras.Model):
     def get_compile_config(self):
         config = super().get_compile_config()
         sam = self.sam_optimizer
-        shapes = sam.batch_shapes() if hasattr(sam, "batch_shapes") else []
+        shapes = sam.batch_shapes() if sam is not None else []
         if config is not None and shapes:
             # The optimizer keeps a batch (SAMPa): its buffers must exist
             # before its saved state loads.
@@ -285,43 +285,44 @@ class SAMModel(keras.Model):
         shapes = config.pop("optimizer_batch", None)
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
-        if shapes and self._wants_batch_spec():
-            self.sam_optimizer.build_batch(
-                [(tuple(shape), dtype) for shape, dtype in shapes]
+        if shapes:
+            self._batch_spec = tuple(
+                keras.KerasTensor(tuple(shape), dtype=dtype)
+                for shape, dtype in shapes
             )
+            self._build_batch_state()
 
     # ---- optimizer state shaped like a training batch (SAMPa) ----
 
     def _symbolic_build(self, iterator=None, data_batch=None):
-        if self._wants_batch_spec():
-            if data_batch is None and iterator is not None:
-                data_batch = _first_batch(iterator)  # Keras resets it after
-            self._note_batch(data_batch)
+        data_batch = self._note_batch(iterator, data_batch)
         return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # TensorFlow's entry: without a strategy it builds nothing until
-        # the step is traced, where the batch size is not known.
-        if self._wants_batch_spec() and not getattr(
-            self, "_distribute_strategy", None
-        ):
-            if data_batch is None and iterator is not None:
-                data_batch = _first_batch(iterator)  # Keras resets it after
-            self._note_batch(data_batch)
+        # the step is traced, where the batch size is not known (with one,
+        # it calls `_symbolic_build` with the batch).
+        if not getattr(self, "_distribute_strategy", None):
+            data_batch = self._note_batch(iterator, data_batch)
         return super()._maybe_symbolic_build(
             iterator=iterator, data_batch=data_batch
         )
 
     def _wants_batch_spec(self):
         sam = self.sam_optimizer
-        return sam is not None and getattr(sam, "keeps_batch", False)
+        return sam is not None and sam.keeps_batch
 
-    def _note_batch(self, data_batch):
+    def _note_batch(self, iterator, data_batch):
         """Remembers the shapes of a batch about to be trained on (or
         evaluated: `fit` notes its own batch last, before it builds its
-        train function)."""
+        train function), read from `iterator` if not given (Keras resets
+        it afterwards). Returns the batch, for Keras' own build."""
+        if not self._wants_batch_spec():
+            return data_batch
+        if data_batch is None and iterator is not None:
+            data_batch = _first_batch(iterator)
         if data_batch is None:
-            return
+            return None
         batch = keras.utils.unpack_x_y_sample_weight(data_batch)
         leaves = [t for t in keras.tree.flatten(batch) if t is not None]
         if all(None not in tuple(t.shape) for t in leaves):
@@ -333,6 +334,7 @@ class SAMModel(keras.Model):
                 ),
                 batch,
             )
+        return data_batch
 
     def _build_batch_state(self):
         """Builds the optimizer's buffers for a training batch, once, from

@@ -184,12 +184,7 @@ def sharpness_aware_step(model, state, data):
         )
     _, opt = hooks.run(opt, lambda: sam.count_step(two))
     g_use = parts.fill(clean.present, g_use, len(w))
-    if sam_optimizers.has_loss_scaling(optimizer):
-        # Every replica skips when one does (Keras' LossScaleOptimizer
-        # checks the first replica's gradients only).
-        g_use = passes.poison(
-            backend.all_replicas(parts.all_finite(g_use)), g_use
-        )
+    g_use = passes.skip_unless_finite_everywhere(optimizer, g_use)
     new_state = StepState(w, clean.non_trainable, opt, clean.metrics)
     # Every replica skips the update when one does.
     return g_use, new_state, loss, clean.y_pred, backend.all_replicas(update)

@@ -135,8 +135,8 @@ def in_parallel(fn, shared, first, second, between=None):
     all-gather of the two calls' reduced outputs, packed into one buffer
     per dtype, and one of `batched`.
     """
-    found = _data_parallel(first[1], groups=2)
-    if found is None or _data_parallel(second[1], groups=2) is None:
+    found = _data_parallel(first[1], groups=2)  # the batches: one shape
+    if found is None:
         return _one_replica.in_parallel(fn, shared, first, second, between)
     mesh, axis = found
     devices = np.asarray(mesh.devices).reshape(2, -1)

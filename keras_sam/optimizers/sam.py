@@ -166,6 +166,14 @@ class SAM(keras.optimizers.Optimizer):
 
     # SAMPa's step (two independent gradients) instead of the two-pass step.
     parallel_passes = False
+    # Whether optimizer state shaped like a training batch is still to be
+    # built (`build_batch`) before the step can run (SAMPa).
+    keeps_batch = False
+
+    def batch_shapes(self):
+        """`[(shape, dtype), ...]` of state shaped like a training batch
+        (none here; see `SAMPa`)."""
+        return []
 
     def __init__(
         self,

@@ -120,15 +120,11 @@ class SAMPa(SAM):
         return self.adversarial_batch == "previous" and self._has_batch is None
 
     def build_batch(self, data):
-        """Creates the buffers of the previous batch, shaped like `data`: a
-        training batch `(x, y, sample_weight)` (tensors or specs) or the
-        list `batch_shapes()` returned."""
+        """Creates the buffers of the previous batch, shaped like `data`, a
+        training batch `(x, y, sample_weight)` of tensors or specs (or the
+        flat tuple of its arrays)."""
         if not self.keeps_batch:
             return
-        if isinstance(data, list) and all(
-            isinstance(item, tuple) and len(item) == 2 for item in data
-        ):
-            data = [keras.KerasTensor(shape, dtype) for shape, dtype in data]
         leaves = _leaves(data)
         for leaf in leaves:
             dtype = keras.backend.standardize_dtype(leaf.dtype)
@@ -191,7 +187,8 @@ class SAMPa(SAM):
 
     def batch_shapes(self):
         """`[(shape, dtype), ...]` of the kept batch's buffers (empty when
-        none are built): what rebuilds them before a saved state loads."""
+        none are built): what rebuilds them, in this order, before a saved
+        state loads."""
         return [(tuple(v.shape), v.dtype) for v in self._batch]
 
     def points(self, trainable_variables, values):
