@@ -108,7 +108,7 @@ def train(method, initial, splits, epochs, args, total_steps):
     # Logged under schedules that skip steps; else every step is two-pass
     # (SAM, GSAM) or one-pass (plain, MomentumSAM).
     sam = getattr(model, "sam_optimizer", None)
-    two_pass = sam is not None and not sam.single_pass
+    two_pass = sam is not None and sam.passes_per_step > 1
     fraction = history.history.get("sam_fraction", [float(two_pass)])[-1]
     return float(acc), seconds, float(fraction)
 

@@ -6,13 +6,16 @@ import types
 
 import keras
 
+from keras_sam import _keras_compat
 from keras_sam import optimizers as sam_optimizers
 from keras_sam import step
+from keras_sam._batch_state import BatchState
+from keras_sam._host_programs import HostPrograms
 from keras_sam._validation import check_rho
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
-class SAMModel(keras.Model):
+class SAMModel(HostPrograms, BatchState, keras.Model):
     """Wraps a Keras model so that `fit` runs the sharpness-aware step.
 
     Calling, `predict`, `evaluate`, `summary`, saving and `export` behave as
@@ -139,7 +142,8 @@ class SAMModel(keras.Model):
         kwargs = {}
         if "training" in inspect.signature(self.model.compute_loss).parameters:
             kwargs["training"] = training
-        with _routed(self.model, _compile_loss=self._compile_loss):
+        loss = {_keras_compat.COMPILED_LOSS: _keras_compat.compiled_loss(self)}
+        with _routed(self.model, **loss):
             return self.model.compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **kwargs
             )
@@ -264,165 +268,6 @@ class SAMModel(keras.Model):
             )
         return optimizer
 
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        sam = self.sam_optimizer
-        shapes = sam.batch_shapes() if sam is not None else []
-        if config is not None and shapes:
-            # The optimizer keeps a batch (SAMPa): its buffers must exist
-            # before its saved state loads.
-            config = dict(config)
-            config["optimizer_batch"] = [
-                [list(shape), dtype] for shape, dtype in shapes
-            ]
-        return config
-
-    def compile_from_config(self, config):
-        # `compile` is overridden, so Keras leaves restoring it to us; it
-        # builds the optimizer when the model is built, so the saved state
-        # loads.
-        config = dict(config)
-        shapes = config.pop("optimizer_batch", None)
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if shapes:
-            self._batch_spec = tuple(
-                keras.KerasTensor(tuple(shape), dtype=dtype)
-                for shape, dtype in shapes
-            )
-            self._build_batch_state()
-
-    # ---- optimizer state shaped like a training batch (SAMPa) ----
-
-    def _symbolic_build(self, iterator=None, data_batch=None):
-        data_batch = self._note_batch(iterator, data_batch)
-        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # TensorFlow's entry: without a strategy it builds nothing until
-        # the step is traced, where the batch size is not known (with one,
-        # it calls `_symbolic_build` with the batch).
-        if not getattr(self, "_distribute_strategy", None):
-            data_batch = self._note_batch(iterator, data_batch)
-        return super()._maybe_symbolic_build(
-            iterator=iterator, data_batch=data_batch
-        )
-
-    def _wants_batch_spec(self):
-        sam = self.sam_optimizer
-        return sam is not None and sam.keeps_batch
-
-    def _note_batch(self, iterator, data_batch):
-        """Remembers the shapes of a batch about to be trained on (or
-        evaluated: `fit` notes its own batch last, before it builds its
-        train function), read from `iterator` if not given (Keras resets
-        it afterwards). Returns the batch, for Keras' own build."""
-        if not self._wants_batch_spec():
-            return data_batch
-        if data_batch is None and iterator is not None:
-            data_batch = _first_batch(iterator)
-        if data_batch is None:
-            return None
-        batch = keras.utils.unpack_x_y_sample_weight(data_batch)
-        leaves = [t for t in keras.tree.flatten(batch) if t is not None]
-        if all(None not in tuple(t.shape) for t in leaves):
-            self._batch_spec = keras.tree.map_structure(
-                lambda t: (
-                    None
-                    if t is None
-                    else keras.KerasTensor(tuple(t.shape), dtype=t.dtype)
-                ),
-                batch,
-            )
-        return data_batch
-
-    def _build_batch_state(self):
-        """Builds the optimizer's buffers for a training batch, once, from
-        the batch noted last, before the train function reads the state."""
-        spec = getattr(self, "_batch_spec", None)
-        if spec is None or not self._wants_batch_spec():
-            return
-        strategy = getattr(self, "distribute_strategy", None)
-        scope = strategy.scope() if strategy is not None else None
-        with scope or contextlib.nullcontext():
-            self.sam_optimizer.build_batch(spec)
-
-    # ---- the host-side schedule: one program per kind of step ----
-
-    @property
-    def pass_kind(self):
-        """`"two"` or `"one"` while the host runs a program compiled for
-        that kind of step (read when the step is traced); `None` when the
-        step decides inside itself."""
-        return getattr(self, "_pass_kind", None)
-
-    def make_train_function(self, force=False):
-        """Keras' train function; with a schedule decided on the host
-        (`Every`, `Random`), two of them, a two-pass and a one-pass
-        program, behind a dispatcher that asks the schedule which to run.
-
-        The dispatcher counts steps on the host; it reads the optimizer's
-        `steps` variable once when it is built and at the start of each
-        `fit` (or after `load_weights`), never per step.
-        """
-        self._build_batch_state()
-        sam = self.sam_optimizer
-        if sam is None or not sam.host_schedule(self.steps_per_execution):
-            return super().make_train_function(force=force)
-        if self.train_function is not None and not force:
-            return self.train_function
-        programs = {}
-        for kind in ("two", "one"):
-            # A step function of its own per kind (JAX caches compiled
-            # programs by function), which runs as that kind when traced.
-            self.__dict__["train_step"] = _step_of_kind(self, kind)
-            try:
-                built = super().make_train_function(force=True)
-            finally:
-                del self.__dict__["train_step"]
-            programs[kind] = built or self.train_function
-        self._host_step = None
-        model = self
-
-        def train_function(*args):
-            if model._host_step is None:
-                model._host_step = model._read_steps(args)
-            kind = "two" if sam.schedule.two_pass(model._host_step) else "one"
-            model._pass_kind = kind  # read when `programs[kind]` traces
-            try:
-                outputs = programs[kind](*args)
-            finally:
-                model._pass_kind = None
-            model._host_step += 1  # only once the step has run
-            return outputs
-
-        train_function.programs = programs
-        self.train_function = train_function
-        return train_function
-
-    def _read_steps(self, args):
-        """The optimizer's step count, read once (a device sync)."""
-        sam = self.sam_optimizer
-        value = sam.steps
-        if len(args) == 2:
-            # JAX: in `fit` the variables are purged and the state is
-            # carried in the call's first argument.
-            optimizer_values = args[0][2]
-            index = next(
-                i
-                for i, v in enumerate(self.optimizer.variables)
-                if v is sam.steps
-            )
-            value = optimizer_values[index]
-        return int(keras.ops.convert_to_numpy(value))
-
-    def _resync_host_step(self):
-        self._host_step = None
-
-    def fit(self, *args, **kwargs):
-        self._resync_host_step()
-        return super().fit(*args, **kwargs)
-
     def train_step(self, *args):
         # TensorFlow and torch call train_step(data); JAX train_step(state,
         # data). `keras_sam.step` runs the two-pass step for both.
@@ -454,29 +299,6 @@ class SAMModel(keras.Model):
             config.pop("model"), custom_objects=custom_objects
         )
         return cls(model, **config)
-
-
-def _first_batch(iterator):
-    """The first batch of a Keras epoch iterator (as Keras' own symbolic
-    build reads it; the trainer resets the iterator afterwards)."""
-    for _, _, data in iterator:
-        if isinstance(data, (list, tuple)):
-            return data[0]
-        return next(data)
-    return None
-
-
-def _step_of_kind(model, kind):
-    """`model.train_step` running with `model.pass_kind == kind`."""
-
-    def train_step(*args):
-        previous, model._pass_kind = model.pass_kind, kind
-        try:
-            return type(model).train_step(model, *args)
-        finally:
-            model._pass_kind = previous
-
-    return train_step
 
 
 def _overrides(model, method):

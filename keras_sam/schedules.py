@@ -6,12 +6,13 @@ plain pass:
 
 ```
 Every(k):        two passes when t % k == 0
+LatePhase(t0):   two passes when t >= t0            # Zhou et al. 2025
 Random(p, seed): two passes when u(seed, t) < p(t)   # RST, Zhao et al. 2022
 Adaptive(T):     two passes when ||g_t||^2 >= mu_t + c_t * sigma_t
                  # AE-SAM, Jiang et al. 2023: mu_t, sigma_t^2 EMAs of ||g||^2
 ```
 
-`Every` and `Random` are decided on the host: `keras_sam.SAMModel` then
+`Every`, `LatePhase` and `Random` are decided on the host: `keras_sam.SAMModel` then
 compiles one program per kind of step and calls the one the schedule
 picks, so a plain step costs what a plain Keras step costs. `Adaptive`
 depends on this step's clean gradient, so it is decided inside the step
@@ -144,6 +145,46 @@ class Every(Schedule):
 
     def get_config(self):
         return {"k": self.k}
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class LatePhase(Schedule):
+    """Plain steps first, the two-pass step from `start_step` on.
+
+    SAM's gain comes mostly from the end of training: taking its two
+    passes only in the late phase keeps most of it at a fraction of the
+    cost (Zhou et al.). Decided on the host, like `Every`.
+
+    Args:
+        start_step: Integer >= 0, the first step (counted from 0, over the
+            whole training, resumed runs included) that runs two passes.
+            `0` is SAM on every step.
+
+    Example:
+
+    >>> optimizer = keras_sam.optimizers.SAM(
+    ...     "sgd", schedule=keras_sam.schedules.LatePhase(1000))
+
+    References:
+        - Zhou, Wang, Lin, Zhang, Sharpness-Aware Minimization Efficiently
+          Selects Flatter Minima Late in Training, ICLR 2025.
+    """
+
+    def __init__(self, start_step=0):
+        self.start_step = check_int("start_step", start_step, minimum=0)
+
+    @property
+    def always(self):
+        return self.start_step == 0
+
+    def two_pass(self, step):
+        return int(step) >= self.start_step
+
+    def two_pass_in_graph(self, step, grad_sq, state):
+        return ops.greater_equal(ops.cast(step, "int32"), self.start_step)
+
+    def get_config(self):
+        return {"start_step": self.start_step}
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -335,6 +376,6 @@ def get(identifier):
             return schedule
     raise TypeError(
         "`schedule` must be a `keras_sam.schedules` object (`Every`, "
-        f"`Random`, `Adaptive`) or its config. Received: "
+        f"`LatePhase`, `Random`, `Adaptive`) or its config. Received: "
         f"schedule={identifier!r}"
     )

@@ -1,20 +1,17 @@
-"""The sharpness-aware step, written once for every backend (DESIGN 2).
+"""The sharpness-aware step, written once for every optimizer (DESIGN 2).
 
 ```
-g     = grad L_B(w)          # clean pass, training=True: metrics and
-                             # BatchNorm statistics come from it
-eps   = rho * xi / ||xi||_D  # xi = P_w(D^-1 g), the optimizer's formula
-g_adv = grad L_B(w + eps)    # adversarial pass from the same random state;
-                             # its state updates are dropped
-w     = inner update(w, g_adv)
+grad_at = GradientOracle(model, state, batch)   # keras_sam._oracle
+g_use   = optimizer.gradient(grad_at, w)         # the rule, as its paper
+commit(g_use)                                    # one commit, at the end
 ```
 
-Everything is a function of values: the weights, the model's other state,
-the optimizer's variables and the metrics' variables are read once into a
-`StepState`, the passes run `model` in a `keras.StatelessScope` over them
-(so `w + eps` is a value handed to the forward pass, never assigned), the
-optimizer's hooks (learned radius, Fisher metric) compute their new
-variables the same way, and one commit at the end writes the result:
+A sharpness-aware optimizer is a gradient rule (`keras_sam.optimizers.base`):
+given the oracle, it answers with the gradient to apply. The oracle owns the
+passes (stateless, on values; the kept pass and replays of its random
+state; sub-batches; loss scaling), the rule runs on the optimizer's values
+(what it assigns is its new state), and one commit at the end writes the
+result:
 
 - TensorFlow and torch: assign the model's state, the metrics and the
   sharpness-aware optimizer's own variables, then `optimizer.apply`.
@@ -23,39 +20,124 @@ variables the same way, and one commit at the end writes the result:
 An exception anywhere before the commit leaves every variable as it was.
 
 Non-finite values. With loss scaling (a `LossScaleOptimizer`), a
-non-finite clean or adversarial gradient makes the loss-scale optimizer
-skip the step and lower its scale. Without it, a non-finite clean pass is
-applied as plain Keras would, while a non-finite adversarial pass after a
-finite clean one skips the update: weights, optimizer slots and iteration
-count stay as they were, as a loss-scale optimizer would leave them
-(falling back to the clean gradient instead would keep it alive through
-the second pass: a copy of the weights). Either way the optimizer's own
-statistics (Fisher EMA, learned-radius state) never absorb a non-finite
-pass, and `logs["adv_nonfinite"]` counts the steps whose adversarial
-gradient was non-finite.
+non-finite pass makes the loss-scale optimizer skip the step and lower its
+scale. Without it, a non-finite kept (clean) pass is applied as plain Keras
+would, while a non-finite other pass after a finite kept one skips the
+update: weights, optimizer slots and iteration count stay as they were, as
+a loss-scale optimizer would leave them. Either way the rule's own state
+(Fisher EMA, learned radius, LookSAM's direction) never absorbs a
+non-finite pass, and `logs["adv_nonfinite"]` counts the steps whose other
+passes were non-finite.
 
-Cheap variants (issue 16) are hooks on the same step: a schedule picks
-two passes or one (on the host, where `SAMModel` compiles one program per
-kind and `model.pass_kind` says which this one is; else a conditional
-after the clean pass), `combine_gradients` turns `(g, g_adv)` into the
-gradient to apply (GSAM), `one_pass_gradients` does the same for `g` on a
-one-pass step (LookSAM), and `single_pass` optimizers (MomentumSAM)
-perturb before their only pass (`_passes.single_pass_step`).
-
-Only a gradient of a function of values (`backend.grad_and_aux`) and a
-little glue (replica context, torch's random generators, no-grad, a
-conditional stateful update) come from `keras_sam.backend`.
+Schedules that the host can decide (`Every`, `Random`, `LatePhase`) make
+`SAMModel` compile a program per kind of step (`model.pass_kind`); others
+(AE-SAM) decide here, after the clean pass.
 """
 
 import keras
 from keras import ops
 
-from keras_sam import _parallel_step
-from keras_sam import _passes as passes
+from keras_sam import _keras_compat
 from keras_sam import _step_parts as parts
-from keras_sam._passes import StepState
 from keras_sam import backend
 from keras_sam import optimizers as sam_optimizers
+from keras_sam._oracle import GradientOracle
+from keras_sam._oracle import StepState
+
+
+def sharpness_aware_step(model, state, data):
+    """One step as values: `(grads, new_state, loss, y_pred, update)`.
+
+    `grads` is what the commit hands to `optimizer.apply` when `update`
+    (a boolean scalar) holds; `new_state` has the kept pass's model and
+    metric state and the rule's new optimizer variables (the weights are
+    still `state.trainable`).
+    """
+    sam, w = model.sam_optimizer, state.trainable
+    batch = keras.utils.unpack_x_y_sample_weight(data)
+    grad_at = GradientOracle(
+        model, state, batch, _num_splits(sam), sam.sync_perturbation
+    )
+    rule = parts.Stateless(model.optimizer.variables)  # runs on the values
+
+    def step(sharp, opt):
+        # The rule: its gradient, and its state as values.
+        grad_at.others_finite = []
+        gradient = sam.gradient if sharp else sam.cheap_gradient
+        g_use, new = rule.run(opt, lambda: gradient(grad_at, w))
+        return _settle(model, grad_at, rule, g_use, new, opt, sharp)
+
+    kind = "two" if sam.schedule.always else model.pass_kind
+    if kind:
+        g_use, opt, update = step(kind == "two", state.optimizer)
+    else:  # decided here from the clean pass, whose statistics the
+        # schedule absorbs only when it is finite
+        grad_at(w)
+        g_sq = parts.squared_norm(grad_at.clean_own())
+        sharp, opt = rule.run(
+            state.optimizer,
+            lambda: sam.should_perturb(backend.all_reduce([g_sq])[0]),
+        )
+        opt = parts.select(grad_at.kept_finite, opt, state.optimizer)
+        present = parts.present(grad_at.kept.parts[0].grads)
+
+        def branch(sharp):
+            g_use, opt_, update = step(sharp, opt)
+            return [g_use[i] for i in present], opt_, _tensor(update)
+
+        g_use, opt, update = ops.cond(
+            sharp, lambda: branch(True), lambda: branch(False)
+        )
+        g_use = parts.fill(present, g_use, len(w))
+    kept = grad_at.kept
+    new_state = StepState(w, kept.non_trainable, opt, kept.metrics)
+    # Every replica skips the update when one does.
+    return (
+        g_use,
+        new_state,
+        kept.loss,
+        kept.y_pred,
+        backend.all_replicas(update),
+    )
+
+
+def _settle(model, grad_at, rule, g_use, new, old, sharp):
+    """`(scaled gradient, optimizer values, update)` after the rule.
+
+    The rule's new state is kept only where every pass was finite; a
+    non-finite other pass after a finite kept one is counted and, without
+    loss scaling, skips the update; with loss scaling any non-finite pass
+    poisons the gradient, so the loss-scale optimizer skips the step.
+    """
+    sam, optimizer = model.sam_optimizer, model.optimizer
+    g_use = grad_at.scaled(g_use)
+    update, adv_nonfinite = True, None
+    if grad_at.others_finite:
+        kept, others = grad_at.kept_finite, grad_at.others_are_finite()
+        both = ops.logical_and(kept, others)
+        new = parts.select(both, new, old)
+        adv_nonfinite = ops.logical_and(kept, ops.logical_not(others))
+        if sam_optimizers.has_loss_scaling(optimizer):
+            g_use = _poison(both, g_use)
+        else:
+            update = ops.logical_or(others, ops.logical_not(kept))
+    _, new = rule.run(new, lambda: sam.count(sharp, adv_nonfinite))
+    if sam_optimizers.has_loss_scaling(optimizer):
+        # Every replica skips when one does (Keras' LossScaleOptimizer
+        # checks the first replica's gradients only).
+        g_use = _poison(backend.all_replicas(parts.all_finite(g_use)), g_use)
+    return g_use, new, update
+
+
+def _poison(flag, grads):
+    """`grads` where `flag` holds, NaN elsewhere."""
+    return [
+        None if t is None else ops.where(flag, t, float("nan")) for t in grads
+    ]
+
+
+def _tensor(flag):
+    return ops.convert_to_tensor(flag)
 
 
 def _num_splits(sam):
@@ -66,128 +148,6 @@ def _num_splits(sam):
     if sam.sync_perturbation or backend.in_replica():
         return sam.num_batch_splits
     return sam.num_batch_splits * parts.data_parallel_replicas()
-
-
-def sharpness_aware_step(model, state, data):
-    """One step as values: `(grads, new_state, loss, y_pred, update)`.
-
-    `grads` is what the commit hands to `optimizer.apply` when `update`
-    (a boolean scalar) holds; `new_state` has the clean pass's model and
-    metric state and the hooks' new optimizer variables (the weights are
-    still `state.trainable`).
-    """
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    sam, optimizer = model.sam_optimizer, model.optimizer
-    variables, w = model.trainable_variables, state.trainable
-    hooks = parts.Stateless(optimizer.variables)  # hooks run on the values
-    batches = parts.split_batch((x, y, sample_weight), _num_splits(sam))
-    fractions = [fraction for _, fraction in batches]
-    if sam.single_pass:  # MomentumSAM: w + eps first, then the only pass
-        return passes.single_pass_step(model, state, batches, hooks)
-
-    def present(values):  # TensorFlow's cond takes no `None`
-        return [values[i] for i in clean.present]
-
-    def unscaled(g_j):  # the true gradient, for the norm and the hooks
-        g_j, _ = hooks.run(
-            state.optimizer,
-            lambda: sam_optimizers.unscale_gradients(optimizer, g_j),
-        )
-        return backend.all_reduce(g_j) if sam.sync_perturbation else g_j
-
-    # 1. g = grad L_B(w), the clean pass: its metrics and model state are
-    #    kept. Sub-batch j starts from the state j-1 left; the state and
-    #    random state before each are kept, for the second pass to replay.
-    clean = passes.run(model, state, batches, [w] * len(batches))
-    loss = parts.combine([[p.loss] for p in clean.parts], fractions)[0]
-    g_parts = [unscaled(p.grads) for p in clean.parts]
-    g = parts.combine(g_parts, fractions)
-    # This replica's own clean gradient, for the hooks that combine it
-    # with the adversarial one (`g` is the global one when synchronized).
-    g_own = g
-    if sam.sync_perturbation:
-        g_own, _ = hooks.run(
-            state.optimizer,
-            lambda: sam_optimizers.unscale_gradients(
-                optimizer, clean.gradient()
-            ),
-        )
-    clean_finite = parts.all_finite(g)
-    # The clean-pass hook (Fisher EMA, learned radius), kept if g is finite.
-    auxiliary = passes.auxiliary(model, state, hooks)
-    _, opt = hooks.run(
-        state.optimizer,
-        lambda: sam.on_clean_pass(loss, g, variables, auxiliary),
-    )
-    opt = parts.select(clean_finite, opt, state.optimizer)
-
-    def two_pass(opt):
-        # 2. ascend to w + eps_j and take g_adv there, from the clean pass's
-        #    states and random states (the same dropout masks); the state
-        #    changes of this pass are dropped.
-        w_adv = [
-            hooks.run(opt, lambda: sam.perturbed_values(g_j, variables, w))[0]
-            for g_j in g_parts
-        ]
-        w_adv = [
-            [a if a is not None else w_i for a, w_i in zip(wj, w)]
-            for wj in w_adv
-        ]
-        adv = passes.run(
-            model, state.replace(optimizer=opt), batches, w_adv, replay=clean
-        )
-        g_adv = parts.combine([p.grads for p in adv.parts], fractions)
-
-        # 3. pull g_adv back to w; the hooks see it unscaled, and may
-        #    combine it with g into the gradient to apply (GSAM).
-        def pull_back():
-            pulled = sam.pull_back(g_adv, variables, w)
-            g_adv_true = sam_optimizers.unscale_gradients(optimizer, pulled)
-            sam.on_adversarial_pass(g, g_adv_true, variables)
-            g_use = sam.combine_gradients(g_own, g_adv_true, variables)
-            if g_use is not None:
-                pulled = sam_optimizers.scale_gradients(optimizer, g_use)
-            return pulled, parts.all_finite(g_adv_true)
-
-        (g_adv, adv_finite), new_opt = hooks.run(opt, pull_back)
-        # Non-finite passes: skipped, counted, or poisoned for loss scaling.
-        g_adv, new_opt, update = passes.settle(
-            sam, optimizer, hooks, clean_finite, adv_finite, new_opt, opt, g_adv
-        )
-        return present(g_adv), new_opt, true if update is True else update
-
-    def one_pass(opt):
-        # A plain step: g, or the optimizer's one-pass gradient (LookSAM).
-        def gradient():
-            g_use = sam.one_pass_gradients(g_own, variables)
-            if g_use is None:
-                return clean.gradient()
-            return sam_optimizers.scale_gradients(optimizer, g_use)
-
-        return present(hooks.run(opt, gradient)[0]), opt, true
-
-    # Two passes or one: fixed for this program when the host chose
-    # (`SAMModel` compiles one program per kind), else decided here by
-    # the schedule, whose statistics only absorb a finite g.
-    kind = "two" if sam.schedule.always else model.pass_kind
-    true = True if kind else ops.convert_to_tensor(True)
-    if kind == "two":
-        (g_use, opt, update), two = two_pass(opt), True
-    elif kind == "one":
-        (g_use, opt, update), two = one_pass(opt), False
-    else:
-        grad_sq = backend.all_reduce([parts.squared_norm(g_own)])[0]
-        two, new_opt = hooks.run(opt, lambda: sam.should_perturb(grad_sq))
-        opt = parts.select(clean_finite, new_opt, opt)
-        g_use, opt, update = ops.cond(
-            two, lambda: two_pass(opt), lambda: one_pass(opt)
-        )
-    _, opt = hooks.run(opt, lambda: sam.count_step(two))
-    g_use = parts.fill(clean.present, g_use, len(w))
-    g_use = passes.skip_unless_finite_everywhere(optimizer, g_use)
-    new_state = StepState(w, clean.non_trainable, opt, clean.metrics)
-    # Every replica skips the update when one does.
-    return g_use, new_state, loss, clean.y_pred, backend.all_replicas(update)
 
 
 # ---------------------------------------------------------------------------
@@ -265,12 +225,13 @@ def _stateless_train_step(model, state, data):
 
 
 def _step_of(sam, per_replica=False):
-    """The step for `sam`: SAMPa's own, or the two-pass step (once per
-    data-parallel replica of a `keras.distribution` when `per_replica`;
-    `tf.distribute` runs the stateful step per replica itself)."""
-    if sam.parallel_passes:
-        return _parallel_step.sampa_step
-    return _each_replica if per_replica else sharpness_aware_step
+    """The step, once per data-parallel replica of a `keras.distribution`
+    when `per_replica` unless the rule spreads its passes over the devices
+    itself (SAMPa); `tf.distribute` runs the stateful step per replica
+    itself."""
+    if per_replica and not sam.parallel_passes:
+        return _each_replica
+    return sharpness_aware_step
 
 
 def _each_replica(model, state, data):
@@ -332,7 +293,7 @@ def _prepare(model, data):
     # Keras' own symbolic build (a no-op once everything exists) creates
     # the model's, the compiled loss's and metrics' and the optimizer's
     # variables, which the step reads as values before running anything.
-    model._symbolic_build(data_batch=data)
+    _keras_compat.symbolic_build(model, data)
     if sam.radius is not None:  # its validation data against the model
         _, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         sam.radius.check_model(model, y)

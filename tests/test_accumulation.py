@@ -178,13 +178,13 @@ def test_hooks_run_once_per_step_with_splits():
     calls = []
 
     class Recorder(optimizers.SAM):
-        def on_clean_pass(self, loss, grads, trainable_variables, auxiliary):
-            calls.append("clean")
-
-        def on_adversarial_pass(self, grads, grads_adv, trainable_variables):
-            calls.append("adversarial")
+        def gradient(self, grad_at, w):
+            calls.append("rule")
+            g_adv = super().gradient(grad_at, w)
+            calls.append(len(grad_at.splits))
+            return g_adv
 
     x, y = sam_setup.data(16)
     optimizer = Recorder(keras.optimizers.SGD(0.1), num_batch_splits=2)
     _train(optimizer, x, y, batch_size=8, mode={"run_eagerly": True})
-    assert calls == ["clean", "adversarial"] * 2
+    assert calls == ["rule", 2] * 2

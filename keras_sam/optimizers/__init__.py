@@ -1,20 +1,22 @@
 """Sharpness-aware optimizers around any stock Keras optimizer.
 
-`SAM`, `ASAM` and `RSAM` compute one perturbation and differ only in its
-metric, projection and retraction (see `keras_sam.optimizers.sam`); the
-cheaper variants `LookSAM`, `GSAM` and `MomentumSAM` are small sets of
-hooks on the same step, `keras_sam.step`. `SAMPa` perturbs with the
-gradient of the previous step's auxiliary point, so its two gradients are
-independent (`keras_sam._parallel_step`).
+Each is a gradient rule on the one step (`keras_sam.optimizers.base` holds
+the contract): given a gradient oracle, it answers with the gradient to
+apply. `SAM`, `ASAM` and `RSAM` share the rule and differ only in its
+geometry (`keras_sam.optimizers.geometry`: metric, projection,
+retraction); `LookSAM`, `GSAM`, `MomentumSAM`, `SAMPa`, `WSAM` and
+`FriendlySAM` are small rules of their own.
 """
 
 import keras
 
 from keras_sam.optimizers.asam import ASAM
+from keras_sam.optimizers.base import SharpnessAware
 from keras_sam.optimizers.chain import find_optimizer
 from keras_sam.optimizers.chain import has_loss_scaling
 from keras_sam.optimizers.chain import scale_gradients
 from keras_sam.optimizers.chain import unscale_gradients
+from keras_sam.optimizers.friendly import FriendlySAM
 from keras_sam.optimizers.gsam import GSAM
 from keras_sam.optimizers.looksam import LookSAM
 from keras_sam.optimizers.msam import MomentumSAM
@@ -24,6 +26,7 @@ from keras_sam.optimizers.sampa import SAMPa
 from keras_sam.optimizers.sam import find_sam
 from keras_sam.optimizers.sam import get_inner
 from keras_sam.optimizers.sam import is_weight_like
+from keras_sam.optimizers.wsam import WSAM
 
 _REGISTRY = {
     "sam": SAM,
@@ -34,6 +37,9 @@ _REGISTRY = {
     "momentumsam": MomentumSAM,
     "msam": MomentumSAM,
     "sampa": SAMPa,
+    "wsam": WSAM,
+    "friendlysam": FriendlySAM,
+    "fsam": FriendlySAM,
 }
 
 
@@ -63,7 +69,7 @@ def get(identifier, optimizer="sgd", **kwargs):
         optimizer: the inner optimizer when `identifier` is a name.
         **kwargs: further constructor arguments when `identifier` is a name.
     """
-    if isinstance(identifier, SAM):
+    if isinstance(identifier, SharpnessAware):
         return identifier
     if isinstance(identifier, dict):
         return deserialize(identifier)

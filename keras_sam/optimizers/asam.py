@@ -39,6 +39,7 @@ class ASAM(SAM):
         name: String, the name of the optimizer. Defaults to `"asam"`.
         schedule: Optional `keras_sam.schedules` object, see `SAM`.
             Defaults to `None`.
+        ascent_steps: Integer >= 1, see `SAM`. Defaults to `1`.
 
     Example:
 
@@ -61,6 +62,7 @@ class ASAM(SAM):
         num_batch_splits=1,
         normalize=True,
         schedule=None,
+        ascent_steps=1,
     ):
         eta = check_float("eta", eta, low=0.0, low_open=True)
         super().__init__(
@@ -72,6 +74,7 @@ class ASAM(SAM):
             num_batch_splits=num_batch_splits,
             normalize=normalize,
             schedule=schedule,
+            ascent_steps=ascent_steps,
         )
         self.eta = float(eta)
 

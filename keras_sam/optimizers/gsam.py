@@ -108,37 +108,35 @@ class GSAM(SAM):
                     f"lr_max={self.lr_max}, lr_min={self.lr_min}"
                 )
 
-    def on_clean_pass(self, loss, grads, trainable_variables, auxiliary):
-        super().on_clean_pass(loss, grads, trainable_variables, auxiliary)
-        if self.rho_min is None:
-            return
-        lr = ops.cast(self.learning_rate, "float32")
-        fraction = (lr - self.lr_min) / (self.lr_max - self.lr_min)
-        self.rho.assign(
-            self.rho_min + (self.initial_rho - self.rho_min) * fraction
-        )
-
-    def combine_gradients(self, grads, grads_adv, trainable_variables):
+    def gradient(self, grad_at, w):
+        """g_adv - alpha * g_perp, rho following the learning rate."""
+        if self.rho_min is not None:
+            lr = ops.cast(self.learning_rate, "float32")
+            fraction = (lr - self.lr_min) / (self.lr_max - self.lr_min)
+            self.rho.assign(
+                self.rho_min + (self.initial_rho - self.rho_min) * fraction
+            )
+        g_adv = super().gradient(grad_at, w)
         if self.alpha == 0.0:
-            return None  # SAM, bit for bit
+            return g_adv  # SAM, bit for bit
+        g = grad_at(w)
         # g_perp = g - (<g, g_adv> / ||g_adv||^2) g_adv
         coefficient = ops.divide(
-            dot(grads, grads_adv),
-            ops.add(squared_norm(grads_adv), _NORM_EPSILON),
+            dot(g, g_adv), ops.add(squared_norm(g_adv), _NORM_EPSILON)
         )
         combined = []
-        for g, g_adv in zip(grads, grads_adv):
-            if g is None or g_adv is None:
-                combined.append(g_adv)
+        for g_i, g_adv_i in zip(g, g_adv):
+            if g_i is None or g_adv_i is None:
+                combined.append(g_adv_i)
                 continue
             g_perp = ops.subtract(
-                ops.cast(g, "float32"),
-                ops.multiply(coefficient, ops.cast(g_adv, "float32")),
+                ops.cast(g_i, "float32"),
+                ops.multiply(coefficient, ops.cast(g_adv_i, "float32")),
             )
             combined.append(
                 ops.subtract(
-                    g_adv,
-                    ops.cast(ops.multiply(self.alpha, g_perp), g_adv.dtype),
+                    g_adv_i,
+                    ops.cast(ops.multiply(self.alpha, g_perp), g_adv_i.dtype),
                 )
             )
         return combined

@@ -86,53 +86,45 @@ class LookSAM(SAM):
             for v in var_list
         ]
 
-    def _slot(self, variable):
-        return self._g_v[self._get_variable_index(variable)]
-
-    def on_adversarial_pass(self, grads, grads_adv, trainable_variables):
-        super().on_adversarial_pass(grads, grads_adv, trainable_variables)
-        if not self.built:
-            self.build(list(trainable_variables))
-        # g_v = g_s - (<g, g_s> / ||g||^2) g: the part of g_s orthogonal
-        # to g.
+    def gradient(self, grad_at, w):
+        """SAM's gradient g_s; stores g_v, its part orthogonal to g."""
+        g_s = super().gradient(grad_at, w)
+        g = grad_at(w)
+        # g_v = g_s - (<g, g_s> / ||g||^2) g
         coefficient = ops.divide(
-            dot(grads, grads_adv), ops.add(squared_norm(grads), _NORM_EPSILON)
+            dot(g, g_s), ops.add(squared_norm(g), _NORM_EPSILON)
         )
-        for g, g_s, v in zip(grads, grads_adv, trainable_variables):
-            if g is None or g_s is None:
+        for g_i, g_s_i, slot in zip(g, g_s, self._g_v):
+            if g_i is None or g_s_i is None:
                 continue
-            slot = self._slot(v)
             g_v = ops.subtract(
-                ops.cast(g_s, "float32"),
-                ops.multiply(coefficient, ops.cast(g, "float32")),
+                ops.cast(g_s_i, "float32"),
+                ops.multiply(coefficient, ops.cast(g_i, "float32")),
             )
             slot.assign(ops.cast(g_v, slot.dtype))
+        return g_s
 
-    def one_pass_gradients(self, grads, trainable_variables):
-        if not self.built:
-            self.build(list(trainable_variables))
-        g_v = [
-            None if g is None else self._slot(v)
-            for g, v in zip(grads, trainable_variables)
-        ]
-        # g_s = g + alpha * (||g|| / ||g_v||) * g_v; zero before the first
-        # SAM step (g_v = 0).
+    def cheap_gradient(self, grad_at, w):
+        """g + alpha * (||g|| / ||g_v||) * g_v, from one pass."""
+        g = grad_at(w)
+        g_v = [None if g_i is None else v for g_i, v in zip(g, self._g_v)]
+        # Zero before the first SAM step (g_v = 0).
         scale = ops.divide(
-            ops.multiply(self.alpha, ops.sqrt(squared_norm(grads))),
+            ops.multiply(self.alpha, ops.sqrt(squared_norm(g))),
             ops.add(ops.sqrt(squared_norm(g_v)), _NORM_EPSILON),
         )
         return [
             (
                 None
-                if g is None
+                if g_i is None
                 else ops.add(
-                    g,
+                    g_i,
                     ops.cast(
-                        ops.multiply(scale, ops.cast(v, "float32")), g.dtype
+                        ops.multiply(scale, ops.cast(v, "float32")), g_i.dtype
                     ),
                 )
             )
-            for g, v in zip(grads, g_v)
+            for g_i, v in zip(g, g_v)
         ]
 
     def get_config(self):

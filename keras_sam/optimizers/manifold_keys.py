@@ -108,3 +108,19 @@ def resolve(spec, var_list):
                 f"{paths[:20]}{' ...' if len(paths) > 20 else ''}"
             )
     return manifolds
+
+
+def serialize(spec):
+    """The config form of a manifold spec (`None` when empty): keys as
+    names or serialized objects, manifolds serialized."""
+    return [
+        [
+            (
+                key
+                if isinstance(key, str)
+                else keras.saving.serialize_keras_object(key)
+            ),
+            sam_manifolds.serialize(m),
+        ]
+        for key, m in spec
+    ] or None

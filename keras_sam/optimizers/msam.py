@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_sam._keras_compat import adam_first_moments
+from keras_sam._keras_compat import variable_index
 from keras_sam.optimizers.chain import describe
 from keras_sam.optimizers.sam import SAM
 
@@ -27,7 +29,7 @@ def momentum_slots(optimizer):
     if isinstance(stock, keras.optimizers.SGD) and stock.momentum > 0:
         return -1.0, stock.momentums
     if isinstance(stock, keras.optimizers.Adam):  # Adam, AdamW
-        return 1.0, stock._momentums
+        return 1.0, adam_first_moments(stock)
     return None
 
 
@@ -96,7 +98,7 @@ class MomentumSAM(SAM):
           Minimization without Computational Overhead, 2024.
     """
 
-    single_pass = True
+    passes_per_step = 1
 
     def __init__(self, optimizer=None, rho=0.3, name=None):
         if optimizer is None:
@@ -109,7 +111,11 @@ class MomentumSAM(SAM):
         super().__init__(optimizer, rho=rho, name=name)
         check_momentum(self.inner_optimizer)
 
-    def perturbation(self, grads, trainable_variables, values=None):
+    def gradient(self, grad_at, w):
+        """g(w + eps), eps along the momentum: the step's only pass."""
+        return grad_at(self.perturbed_values(None, grad_at.variables, w))
+
+    def perturbation(self, grads, trainable_variables, values=None, scale=None):
         """eps = -rho * v / (||v|| + 1e-12) per variable (`grads` unused)."""
         if values is None:
             values = [v.value for v in trainable_variables]
@@ -118,7 +124,7 @@ class MomentumSAM(SAM):
         v = [
             ops.multiply(
                 sign,
-                ops.cast(slots[stock._get_variable_index(var)], "float32"),
+                ops.cast(slots[variable_index(stock, var)], "float32"),
             )
             for var in trainable_variables
         ]

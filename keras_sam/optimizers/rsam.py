@@ -4,6 +4,8 @@ import keras
 from keras import ops
 
 from keras_sam import manifolds as sam_manifolds
+from keras_sam._keras_compat import built_variables
+from keras_sam._keras_compat import variable_index
 from keras_sam._validation import check_choice
 from keras_sam._validation import check_float
 from keras_sam._validation import check_rho
@@ -13,7 +15,6 @@ from keras_sam.optimizers.sam import is_weight_like
 
 _METRICS = ("identity", "adaptive", "fisher")
 _FISHER_TINY = 1e-30
-_NORM_EPSILON = 1e-12
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -156,13 +157,7 @@ class RSAM(SAM):
         self.initial_flat_rho = flat_rho
         self.flat_rho = None
         if flat_rho is not None:
-            self.flat_rho = self.add_variable(
-                shape=(),
-                initializer=keras.initializers.Constant(flat_rho),
-                dtype="float32",
-                aggregation="only_first_replica",
-                name="flat_rho",
-            )
+            self.flat_rho = self._scalar("flat_rho", flat_rho)
         self.manifold_spec = spec
         self.metric = metric
         self.eta = eta
@@ -199,7 +194,7 @@ class RSAM(SAM):
         """The manifold of a trainable variable (Euclidean before build)."""
         if self._manifolds is None:
             return sam_manifolds.Euclidean()
-        return self._manifolds[self._get_variable_index(variable)]
+        return self._manifolds[variable_index(self, variable)]
 
     # ---- the update: Riemannian gradient, inner step, retraction ----
 
@@ -208,7 +203,7 @@ class RSAM(SAM):
             self.build(list(trainable_variables))
         if self.built:
             variables = (
-                self._trainable_variables
+                built_variables(self)
                 if trainable_variables is None
                 else list(trainable_variables)
             )
@@ -234,20 +229,16 @@ class RSAM(SAM):
 
     # ---- the Fisher metric's state ----
 
-    def on_clean_pass(self, loss, grads, trainable_variables, auxiliary):
-        if not self.built:
-            # Keras' TF loop builds the optimizer in the first trace, at
-            # `apply`; the manifolds are needed before, for eps.
-            self.build(list(trainable_variables))
-        super().on_clean_pass(loss, grads, trainable_variables, auxiliary)
+    def _after_clean(self, grad_at, g):
+        super()._after_clean(grad_at, g)
         if self.metric != "fisher":
             return
         decay = self.fisher_decay
-        for g, v in zip(grads, trainable_variables):
-            if g is None:
+        for g_i, v in zip(g, grad_at.variables):
+            if g_i is None:
                 continue
-            f = self._fisher[self._get_variable_index(v)]
-            g2 = ops.square(ops.cast(g, f.dtype))
+            f = self._fisher[variable_index(self, v)]
+            g2 = ops.square(ops.cast(g_i, f.dtype))
             f.assign(ops.add(ops.multiply(f, decay), (1.0 - decay) * g2))
         self.fisher_weight.assign(
             ops.add(ops.multiply(self.fisher_weight, decay), 1.0 - decay)
@@ -261,62 +252,16 @@ class RSAM(SAM):
         if m.has_metric:
             xi = m.riemannian_gradient(value, grad)
             return xi, m.inner(value, xi, xi)
-        d_inv, d = self._metric(variable, value, grad)
-        xi = grad if d_inv is None else ops.multiply(d_inv, grad)
-        xi = m.project(value, xi)
-        xi_d = xi if d is None else ops.multiply(d, xi)
-        return xi, ops.sum(ops.multiply(xi, xi_d))
+        return super()._direction(variable, value, grad)
 
-    def perturbation(self, grads, trainable_variables, values=None):
-        """eps per variable: `rho * xi / (||xi||_D + 1e-12)` per group
-        (`rho * xi` with `normalize=False`).
+    def _group(self, variable):
+        """With `flat_rho`, the flat variables are a radius group apart."""
+        return self.flat_rho is not None and isinstance(
+            self.manifold_of(variable), sam_manifolds.Euclidean
+        )
 
-        One group (all variables, radius `rho`) unless `flat_rho` is set;
-        then the manifold variables (radius `rho`) and the flat ones
-        (radius `flat_rho`) are normalized apart. Arguments and return
-        value as in `SAM.perturbation`.
-        """
-        if values is None:
-            values = [v.value for v in trainable_variables]
-        xis, squares, flat = [], [], []
-        for g, v, w in zip(grads, trainable_variables, values):
-            if g is None:
-                xis.append(None)
-                continue
-            xi, square = self._direction(
-                v, ops.cast(w, "float32"), ops.cast(g, "float32")
-            )
-            xis.append(xi)
-            squares.append(square)
-            flat.append(
-                self.flat_rho is not None
-                and isinstance(self.manifold_of(v), sam_manifolds.Euclidean)
-            )
-        if not squares:
-            return xis
-
-        def scale(rho, group):
-            if not self.normalize:  # eps = rho * xi
-                return ops.cast(rho, "float32")
-            norm = ops.sqrt(ops.sum(ops.stack(group)))
-            return ops.divide(
-                ops.cast(rho, "float32"), ops.add(norm, _NORM_EPSILON)
-            )
-
-        curved = [s for s, f in zip(squares, flat) if not f]
-        flat_squares = [s for s, f in zip(squares, flat) if f]
-        scales = {
-            False: scale(self.rho, curved) if curved else None,
-            True: scale(self.flat_rho, flat_squares) if flat_squares else None,
-        }
-        eps, k = [], 0
-        for xi, w in zip(xis, values):
-            if xi is None:
-                eps.append(None)
-                continue
-            eps.append(ops.cast(ops.multiply(xi, scales[flat[k]]), w.dtype))
-            k += 1
-        return eps
+    def _radius(self, group):
+        return self.flat_rho if group else self.rho
 
     def pull_back(self, grads, trainable_variables, values=None):
         """g_adv at w: its Riemannian gradient where the manifold has a
@@ -338,9 +283,7 @@ class RSAM(SAM):
                 return None, None
             t2 = ops.square(ops.add(ops.abs(value), self.eta))
             return t2, ops.reciprocal(t2)
-        f = ops.cast(
-            self._fisher[self._get_variable_index(variable)], "float32"
-        )
+        f = ops.cast(self._fisher[variable_index(self, variable)], "float32")
         weight = ops.maximum(
             ops.cast(self.fisher_weight, "float32"), _FISHER_TINY
         )
@@ -359,18 +302,7 @@ class RSAM(SAM):
         config = super().get_config()
         config.update(
             {
-                "manifold": [
-                    [
-                        (
-                            key
-                            if isinstance(key, str)
-                            else keras.saving.serialize_keras_object(key)
-                        ),
-                        sam_manifolds.serialize(m),
-                    ]
-                    for key, m in self.manifold_spec
-                ]
-                or None,
+                "manifold": manifold_keys.serialize(self.manifold_spec),
                 "flat_rho": self.initial_flat_rho,
                 "metric": self.metric,
                 "eta": self.eta,

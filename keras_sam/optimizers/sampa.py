@@ -73,7 +73,7 @@ class SAMPa(SAM):
           Parallelized, NeurIPS 2024.
     """
 
-    # The step runs `keras_sam._parallel_step`, not the two-pass step.
+    # Its two passes are spread over the devices by `grad_at.pair`.
     parallel_passes = True
 
     def __init__(
@@ -223,18 +223,20 @@ class SAMPa(SAM):
             points.append(ops.add(w, ops.cast(step, w.dtype)))
         return points
 
-    def combine(self, g_adv, g_next):
-        """The gradient of the update: `(1 - lam) g_adv + lam g_next`."""
+    def gradient(self, grad_at, w):
+        """(1 - lam) g_adv + lam g_next, both gradients at once."""
+        w_adv, y = self.points(grad_at.variables, w)
+        previous, keep_batch = self.adversarial_data(grad_at.batch)
+        g_adv, g_next = grad_at.pair(w_adv, y, first_batch=previous)
+        # g_y for the next step (unscaled), the same on every replica.
+        for variable, g in zip(self.g_y, grad_at.replica_mean(g_next)):
+            if g is not None:
+                variable.assign(ops.cast(g, variable.dtype))
+        keep_batch()
         return [
             None if a is None else ops.add((1.0 - self.lam) * a, self.lam * b)
             for a, b in zip(g_adv, g_next)
         ]
-
-    def keep(self, g_next):
-        """Stores the auxiliary gradient (unscaled) for the next step."""
-        for variable, g in zip(self.g_y, g_next):
-            if g is not None:
-                variable.assign(ops.cast(g, variable.dtype))
 
     def get_config(self):
         config = super().get_config()
@@ -244,6 +246,7 @@ class SAMPa(SAM):
             "num_batch_splits",
             "normalize",
             "schedule",
+            "ascent_steps",
         ):
             config.pop(key, None)
         config["lam"] = self.lam

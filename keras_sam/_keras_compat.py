@@ -1,0 +1,98 @@
+"""Every use of a Keras-private member, in one place.
+
+keras-sam uses public Keras API everywhere else. What Keras does not make
+public, and the library needs, is named here once, each with a test in
+`tests/test_keras_compat.py`, so a Keras upgrade that moves one of them
+breaks here and in that test, not somewhere in a train step.
+"""
+
+import keras
+
+# ---- optimizers ----
+
+
+def own_variables(optimizer):
+    """The variables an optimizer created itself (not its inner one's):
+    `Optimizer._variables`."""
+    return optimizer._variables
+
+
+def variable_index(optimizer, variable):
+    """The index of a trainable variable in the optimizer's slots:
+    `Optimizer._get_variable_index`."""
+    return optimizer._get_variable_index(variable)
+
+
+def built_variables(optimizer):
+    """The trainable variables the optimizer was built for:
+    `Optimizer._trainable_variables`."""
+    return optimizer._trainable_variables
+
+
+def adam_first_moments(optimizer):
+    """Adam's (and AdamW's) first moments, one per variable:
+    `Adam._momentums`."""
+    return optimizer._momentums
+
+
+# ---- models and trainers ----
+
+
+def symbolic_build(model, data_batch):
+    """Keras' own symbolic build of a model, its compiled loss and metrics
+    and its optimizer from a batch (a no-op once they exist):
+    `Trainer._symbolic_build`."""
+    model._symbolic_build(data_batch=data_batch)
+
+
+# The trainer methods that build from a training batch: the TensorFlow
+# trainer's entry (`_maybe_symbolic_build`) and the others'
+# (`_symbolic_build`).
+SYMBOLIC_BUILDS = ("_symbolic_build", "_maybe_symbolic_build")
+
+
+def note_batch_before_build(cls, note):
+    """Makes `cls` (a `keras.Model` subclass) call `note(model, iterator,
+    data_batch) -> data_batch` before Keras' symbolic builds."""
+
+    def wrap(name):
+        def build(self, iterator=None, data_batch=None):
+            if name == "_symbolic_build" or not distribute_strategy(self):
+                # Without a strategy TensorFlow builds nothing until the
+                # step is traced (with one it calls `_symbolic_build`).
+                data_batch = note(self, iterator, data_batch)
+            return getattr(super(cls, self), name)(
+                iterator=iterator, data_batch=data_batch
+            )
+
+        build.__name__ = name
+        return build
+
+    for name in SYMBOLIC_BUILDS:
+        setattr(cls, name, wrap(name))
+    return cls
+
+
+def distribute_strategy(model):
+    """The `tf.distribute` strategy a model was compiled under, or `None`:
+    `Trainer._distribute_strategy`."""
+    return getattr(model, "_distribute_strategy", None)
+
+
+def compiled_loss(model):
+    """A compiled model's loss container: `Trainer._compile_loss`."""
+    return model._compile_loss
+
+
+COMPILED_LOSS = "_compile_loss"
+
+
+def make_train_function_as(model, train_step, force=True):
+    """`model.make_train_function(force)` built around `train_step`
+    instead of the class's `train_step` (Keras' trainers read
+    `self.train_step` when they build the function)."""
+    model.__dict__["train_step"] = train_step
+    try:
+        return keras.Model.make_train_function(model, force=force)
+    finally:
+        del model.__dict__["train_step"]
