@@ -51,6 +51,18 @@ CASES = {
     # and MomentumSAM (its eps is the same on every replica).
     "every3_sync": ("sam", {"sync_perturbation": True, "sam_every": 3}),
     "msam": ("msam", {}),
+    # The rules of issue 23, with a synchronized perturbation: each equals
+    # one device.
+    "wsam_sync": ("wsam", {"sync_perturbation": True, "gamma": 0.8}),
+    "friendly_sync": ("friendly", {"sync_perturbation": True, "sigma": 0.5}),
+    "ascent_sync": ("sam", {"sync_perturbation": True, "ascent_steps": 2}),
+    "late_sync": (
+        "sam",
+        {
+            "sync_perturbation": True,
+            "schedule": keras_sam.schedules.LatePhase(2),
+        },
+    ),
 }
 
 
@@ -76,6 +88,12 @@ def _train(variant, kwargs, x, y, loss_scale=False):
             optimizer = keras_sam.optimizers.SAMPa(inner, rho=0.1, lam=0.2)
         elif variant == "msam":
             optimizer = keras_sam.optimizers.MomentumSAM(inner, rho=0.3)
+        elif variant == "wsam":
+            optimizer = keras_sam.optimizers.WSAM(inner, rho=0.1, **kwargs)
+        elif variant == "friendly":
+            optimizer = keras_sam.optimizers.FriendlySAM(
+                inner, rho=0.1, **kwargs
+            )
         else:
             optimizer = keras_sam.optimizers.ASAM(inner, rho=0.5, **kwargs)
         if loss_scale:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests import reference
+from tests import reference_variants
 from tests import sam_setup
 from tests import workers
 from tests.conftest import BACKEND
@@ -159,3 +160,32 @@ def test_host_schedule_and_momentum_sam_on_two_replicas(result):
         rho=0.3,
     )
     assert sam_setup.max_difference(result["cases"]["msam"], msam) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "case, variant, kwargs",
+    [
+        ("wsam_sync", "wsam", {"gamma": 0.8}),
+        ("friendly_sync", "friendly", {"sigma": 0.5}),
+        ("ascent_sync", "ascent", {"ascent_steps": 2}),
+        ("late_sync", "late", {"start_step": 2}),
+    ],
+)
+def test_gradient_rules_with_a_synchronized_perturbation(
+    result, case, variant, kwargs
+):
+    """WSAM, FriendlySAM, several ascent steps and late-phase SAM on two
+    replicas with a synchronized perturbation equal one device."""
+    x, y = sam_setup.data(16)
+    expected = reference_variants.train(
+        sam_setup.initial_params(),
+        sam_setup.batches(x, y, 8, epochs=2),
+        reference.mlp_loss_and_grads,
+        0.1,
+        0.9,
+        variant,
+        rho=0.1,
+        **kwargs,
+    )
+    got = result["cases"][case]
+    assert sam_setup.max_difference(got, expected) < TOLERANCE
