@@ -8,7 +8,9 @@ trace) without changing a single prediction on the calibration data.
 
 Modules: `report` (`ShiftReport`, `LayerShift`), `projection` (the
 float64 projection), `layers` (which layers, their input rows and hooks),
-`transform` (`optimum_shift`), `callback` (`OptimumShifting`).
+`arguments` (checking what `optimum_shift` receives), `shifting` (the
+layers front to back, each checked), `comparison` (the model before and
+after), `transform` (`optimum_shift`), `callback` (`OptimumShifting`).
 """
 
 from keras_sam.optimum_shift.callback import OptimumShifting

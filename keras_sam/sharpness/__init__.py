@@ -19,7 +19,8 @@ unstable along the top Hessian eigenvector once the top eigenvalue exceeds
 then tends to hover at that edge. `keras_sam.callbacks.SharpnessMonitor`
 logs these quantities during `fit`.
 
-Modules: `hessian` (the `Hessian` operator and its estimators),
+Modules: `operator` (the data, the loss, its gradient and Hessian-vector
+products), `hessian` (`Hessian`: the estimators on those products),
 `krylov` (Lanczos and power iteration, apart from models and data),
 `compiled` (the compiled functions of one batch's loss), `vectors` (flat
 vectors), `estimators` (the one-call functions), `stability` (full-batch

@@ -189,12 +189,9 @@ def lanczos(
     done = False
     follow_up = False  # the vector after a reorthogonalized one is due too
     while not done:
-        q_last, q_previous_last, beta_last, block, stats = iterate(
-            1 if follow_up else max_iter - len(alphas),
-            q,
-            q_previous,
-            beta_tensor,
-        )
+        n = 1 if follow_up else max_iter - len(alphas)
+        carry = iterate(n, q, q_previous, beta_tensor)
+        q_last, q_previous_last, beta_last, block, stats = carry
         restart = None
         for i, (alpha, beta) in enumerate(ops.convert_to_numpy(stats)):
             alpha, beta = float(alpha), float(beta)
@@ -203,23 +200,7 @@ def lanczos(
                 return math.nan, ops.full_like(q, math.nan)
             alphas.append(alpha)
             norm = max(norm, abs(alpha) + beta + (betas[-1] if betas else 0.0))
-            tridiagonal = (
-                np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-            )
-            eigenvalues, eigenvectors = np.linalg.eigh(tridiagonal)
-            index = -1
-            if which == "magnitude" and -eigenvalues[0] > eigenvalues[-1]:
-                index = 0
-            theta, ritz = float(eigenvalues[index]), eigenvectors[:, index]
-            # r = ||H y - theta y|| for the Ritz vector y = Q_k s bounds the
-            # error by r, and by r^2 / gap with the gap to the next Ritz
-            # value.
-            error = _ritz_error(eigenvalues, eigenvectors, index, beta)
-            if which == "magnitude":
-                error = max(
-                    error,
-                    _ritz_error(eigenvalues, eigenvectors, -1 - index, beta),
-                )
+            theta, ritz, error = _ritz_pair(alphas, betas, beta, which)
             done = (
                 error <= tol * abs(theta)
                 or beta <= NORM_EPSILON * max(norm, 1.0)
@@ -239,10 +220,7 @@ def lanczos(
                 # forward, so without it the estimate passes again at once.
                 # Joined once for the pair: many small products cost more
                 # than one copy of the basis.
-                if len(blocks) > 1:
-                    blocks = [ops.concatenate(blocks, axis=0)]
-                kept = [block[:i]] if i else []  # q_{j+1-i}..q_j
-                q_next, scale = _reorthogonalize(blocks + kept, block[i])
+                blocks, kept, q_next, scale = _against_basis(blocks, block, i)
                 beta *= scale
                 omega_next[:-1] = _EPS * norm / beta
                 restart = (i, kept, q_next, beta)
@@ -263,9 +241,51 @@ def lanczos(
             q, beta_tensor = q_next, ops.convert_to_tensor(np.float32(beta))
     if not return_vector:
         return theta, None
-    basis = ops.concatenate(blocks, axis=0)[: len(alphas)]
+    return theta, _ritz_vector(blocks, ritz, len(alphas))
+
+
+def _ritz_pair(alphas, betas, beta, which):
+    """`(theta, s, error)`: the Ritz value `theta` of the tridiagonal
+    `T_k` (the largest, or with `which="magnitude"` the one of largest
+    magnitude), its eigenvector `s` and the error bound of `theta` (for
+    `"magnitude"`, the larger bound of both ends of the spectrum)."""
+    tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+    eigenvalues, eigenvectors = np.linalg.eigh(tridiagonal)
+    index = -1
+    if which == "magnitude" and -eigenvalues[0] > eigenvalues[-1]:
+        index = 0
+    theta, ritz = float(eigenvalues[index]), eigenvectors[:, index]
+    # r = ||H y - theta y|| for the Ritz vector y = Q_k s bounds the
+    # error by r, and by r^2 / gap with the gap to the next Ritz
+    # value.
+    error = _ritz_error(eigenvalues, eigenvectors, index, beta)
+    if which == "magnitude":
+        error = max(
+            error,
+            _ritz_error(eigenvalues, eigenvectors, -1 - index, beta),
+        )
+    return theta, ritz, error
+
+
+def _against_basis(blocks, block, i):
+    """`block[i]` (the vector `q_{j+1}`) reorthogonalized against the basis:
+    the stored `blocks` joined into one, and the rows of `block` before it.
+
+    Returns `(blocks, kept, q_next, scale)`: `kept` the rows `block[:i]`
+    (`q_{j+1-i}..q_j`, to be stored), `scale` as from `_reorthogonalize`.
+    """
+    if len(blocks) > 1:
+        blocks = [ops.concatenate(blocks, axis=0)]
+    kept = [block[:i]] if i else []  # q_{j+1-i}..q_j
+    q_next, scale = _reorthogonalize(blocks + kept, block[i])
+    return blocks, kept, q_next, scale
+
+
+def _ritz_vector(blocks, ritz, k):
+    """The Ritz vector `y = Q_k s` from the basis rows in `blocks`."""
+    basis = ops.concatenate(blocks, axis=0)[:k]
     ritz = ops.convert_to_tensor(ritz.astype("float32")[None, :])
-    return theta, ops.matmul(ritz, basis)[0]
+    return ops.matmul(ritz, basis)[0]
 
 
 def power_iteration(iterate, start, max_iter, tol, *extra):

@@ -92,6 +92,12 @@ def full_batch_gradient_descent(
             "`model` has no compiled loss and no `loss=` was given. "
             f"Received: model={model.name!r}, loss=None"
         )
+    _compile_sgd(model, learning_rate, momentum, loss, check_every)
+    return _descend(model, x, y, max_steps, loss_threshold, check_every)
+
+
+def _compile_sgd(model, learning_rate, momentum, loss, check_every):
+    """Compiles `model` with SGD, `check_every` steps per compiled call."""
     optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
     # One compiled call per check: the steps of a small model cost less
     # than the host's dispatch of each.
@@ -103,6 +109,11 @@ def full_batch_gradient_descent(
         model.make_test_function()
     except ValueError:  # a backend that runs one step per call (torch)
         model.compile(optimizer=optimizer, loss=loss)
+
+
+def _descend(model, x, y, max_steps, loss_threshold, check_every):
+    """Full-batch steps, `check_every` at a time, until the loss reaches
+    `loss_threshold`, is not finite, or `max_steps` steps were taken."""
     n = len(x)
     # `check_every` copies of the whole set, cut into full batches: one
     # epoch is `check_every` steps of full-batch gradient descent.
@@ -216,21 +227,45 @@ def critical_learning_rate(
     max_halvings = check_int("max_halvings", max_halvings, minimum=0)
     x, y = _arrays(data)
     loss = loss if loss is not None else getattr(model, "loss", None)
+    learning_rate, run, s_gf = _small_step_run(
+        model,
+        (x, y),
+        learning_rate,
+        max_halvings,
+        which,
+        seed,
+        max_steps=max_steps,
+        loss_threshold=loss_threshold,
+        loss=loss,
+        check_every=check_every,
+    )
+    if loss_threshold is not None and not run["reached_threshold"]:
+        _warn_before_minimum(run, loss_threshold)
+    return {
+        "critical_learning_rate": 2.0 / s_gf,
+        "sharpness": s_gf,
+        "learning_rate": learning_rate,
+        "steps": run["steps"],
+        "loss": run["loss"],
+        "reached_threshold": run["reached_threshold"],
+    }
+
+
+def _small_step_run(
+    model, data, learning_rate, max_halvings, which, seed, **descent_kwargs
+):
+    """`(learning_rate, run, S_GF)` of a copy of `model` trained with a step
+    halved until the run neither diverges nor exceeds half the critical
+    rate (`learning_rate * S_GF <= 1`)."""
     for _ in range(max_halvings + 1):
         clone = _clone(model)
         run = full_batch_gradient_descent(
-            clone,
-            (x, y),
-            learning_rate,
-            max_steps=max_steps,
-            loss_threshold=loss_threshold,
-            loss=loss,
-            check_every=check_every,
+            clone, data, learning_rate, **descent_kwargs
         )
         if run["diverged"]:
             learning_rate /= 2
             continue
-        s_gf = top_eigenvalue(clone, (x, y), which=which, seed=seed)
+        s_gf = top_eigenvalue(clone, data, which=which, seed=seed)
         if learning_rate * s_gf <= 1.0:
             break
         learning_rate /= 2
@@ -242,21 +277,16 @@ def critical_learning_rate(
             "rate. Start from a smaller `learning_rate`. Received: "
             f"max_halvings={max_halvings}"
         )
-    if loss_threshold is not None and not run["reached_threshold"]:
-        warnings.warn(
-            f"The small-step run stopped after {run['steps']} steps at loss "
-            f"{run['loss']:.4g}, above loss_threshold={loss_threshold:g}: "
-            "S_GF is measured before the minimum (the sharpness may still "
-            "be rising), so 2 / S_GF can overestimate the critical rate. "
-            "Raise `max_steps`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return {
-        "critical_learning_rate": 2.0 / s_gf,
-        "sharpness": s_gf,
-        "learning_rate": learning_rate,
-        "steps": run["steps"],
-        "loss": run["loss"],
-        "reached_threshold": run["reached_threshold"],
-    }
+    return learning_rate, run, s_gf
+
+
+def _warn_before_minimum(run, loss_threshold):
+    warnings.warn(
+        f"The small-step run stopped after {run['steps']} steps at loss "
+        f"{run['loss']:.4g}, above loss_threshold={loss_threshold:g}: "
+        "S_GF is measured before the minimum (the sharpness may still "
+        "be rising), so 2 / S_GF can overestimate the critical rate. "
+        "Raise `max_steps`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -106,16 +106,9 @@ def search_rho(
         - Li et al., Hyperband: A Novel Bandit-Based Approach to
           Hyperparameter Optimization, JMLR 2018.
     """
-    if isinstance(tuner, str):
-        tuner = tuner.lower()
-    check_choice("tuner", tuner, TUNERS)
-    max_trials = check_positive_int("max_trials", max_trials)
-    epochs = check_positive_int("epochs", epochs)
-    if validation_data is None:
-        raise ValueError(
-            "`validation_data` is required: trials are compared on it. "
-            "Received: validation_data=None"
-        )
+    tuner, max_trials, epochs = _check_args(
+        tuner, max_trials, epochs, validation_data
+    )
     hypermodel = SAMHyperModel(
         build_model,
         rho=rho,
@@ -138,6 +131,35 @@ def search_rho(
         overwrite=overwrite,
         oracle_kwargs=oracle_kwargs,
     )
+    search.search(
+        **_fit_kwargs(
+            train_data, validation_data, epochs, batch_size, callbacks, verbose
+        )
+    )
+    _check_trials(search)
+    return search
+
+
+def _check_args(tuner, max_trials, epochs, validation_data):
+    """The checked `(tuner, max_trials, epochs)`."""
+    if isinstance(tuner, str):
+        tuner = tuner.lower()
+    check_choice("tuner", tuner, TUNERS)
+    max_trials = check_positive_int("max_trials", max_trials)
+    epochs = check_positive_int("epochs", epochs)
+    if validation_data is None:
+        raise ValueError(
+            "`validation_data` is required: trials are compared on it. "
+            "Received: validation_data=None"
+        )
+    return tuner, max_trials, epochs
+
+
+def _fit_kwargs(
+    train_data, validation_data, epochs, batch_size, callbacks, verbose
+):
+    """The arguments of `fit` for each trial; a tuple `train_data` is
+    `(x, y[, sample_weight])`."""
     fit_kwargs = dict(
         validation_data=validation_data,
         epochs=epochs,
@@ -149,9 +171,7 @@ def search_rho(
         fit_kwargs.update(zip(("x", "y", "sample_weight"), train_data))
     else:
         fit_kwargs["x"] = train_data
-    search.search(**fit_kwargs)
-    _check_trials(search)
-    return search
+    return fit_kwargs
 
 
 def _check_trials(tuner):
