@@ -9,6 +9,7 @@ and saves their shapes in its compile config.
 """
 
 import contextlib
+import warnings
 
 import keras
 
@@ -72,18 +73,30 @@ class BatchState:
                 ),
                 batch,
             )
+        elif not self.sam_optimizer.batch_shapes():
+            warnings.warn(
+                "SAMPa keeps the previous batch on the device, which needs "
+                "the batch's shape before training, but this data's batch "
+                "dimension is unknown (a `tf.data` pipeline batched without "
+                "`drop_remainder=True`?): its steps take the adversarial "
+                "gradient on their own batch, as "
+                "`adversarial_batch='current'` would.",
+                stacklevel=4,
+            )
         return data_batch
 
     def _build_batch_state(self):
-        """Builds the optimizer's buffers for a training batch, once, from
-        the batch noted last, before the train function reads the state."""
+        """Builds the optimizer's buffers for a training batch from the
+        batch noted last (`fit` and `train_on_batch` note their own), before
+        the train function reads the state; rebuilds them when the batch
+        has another shape. Returns whether they were (re)built."""
         spec = getattr(self, "_batch_spec", None)
         if spec is None or not self._wants_batch_spec():
-            return
+            return False
         strategy = getattr(self, "distribute_strategy", None)
         scope = strategy.scope() if strategy is not None else None
         with scope or contextlib.nullcontext():
-            self.sam_optimizer.build_batch(spec)
+            return self.sam_optimizer.build_batch(spec)
 
 
 def _first_batch(iterator):

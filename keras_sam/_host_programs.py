@@ -24,14 +24,15 @@ class HostPrograms:
 
     def make_train_function(self, force=False):
         """Keras' train function; with a schedule decided on the host
-        (`Every`, `Random`), two of them, a two-pass and a one-pass
+        (`Every`, `Random`, `LatePhase`), two of them, a two-pass and a one-pass
         program, behind a dispatcher that asks the schedule which to run.
 
         The dispatcher counts steps on the host; it reads the optimizer's
         `steps` variable once when it is built and at the start of each
         `fit` (or after `load_weights`), never per step.
         """
-        self._build_batch_state()
+        # New buffers of the batch's shape (SAMPa) need a new function.
+        force = self._build_batch_state() or force
         sam = self.sam_optimizer
         if sam is None or not sam.host_schedule(self.steps_per_execution):
             return super().make_train_function(force=force)
@@ -41,10 +42,9 @@ class HostPrograms:
         for kind in ("two", "one"):
             # A step function of its own per kind (JAX caches compiled
             # programs by function), which runs as that kind when traced.
-            built = _keras_compat.make_train_function_as(
+            programs[kind] = _keras_compat.make_train_function_as(
                 self, _step_of_kind(self, kind)
             )
-            programs[kind] = built or self.train_function
         self._host_step = None
         model = self
 

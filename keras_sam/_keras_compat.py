@@ -17,6 +17,14 @@ def own_variables(optimizer):
     return optimizer._variables
 
 
+def replace_variable(optimizer, old, new):
+    """Puts `new` in `old`'s place among the optimizer's own variables (so
+    saved state keeps its order): `Optimizer._variables`."""
+    variables = optimizer._variables
+    index = next(i for i, v in enumerate(variables) if v is old)
+    variables[index] = new
+
+
 def variable_index(optimizer, variable):
     """The index of a trainable variable in the optimizer's slots:
     `Optimizer._get_variable_index`."""
@@ -69,7 +77,8 @@ def note_batch_before_build(cls, note):
         return build
 
     for name in SYMBOLIC_BUILDS:
-        setattr(cls, name, wrap(name))
+        if hasattr(keras.Model, name):  # `_maybe_...`: TensorFlow only
+            setattr(cls, name, wrap(name))
     return cls
 
 
@@ -93,6 +102,8 @@ def make_train_function_as(model, train_step, force=True):
     `self.train_step` when they build the function)."""
     model.__dict__["train_step"] = train_step
     try:
-        return keras.Model.make_train_function(model, force=force)
+        built = keras.Model.make_train_function(model, force=force)
     finally:
         del model.__dict__["train_step"]
+    # The JAX trainer returns nothing and keeps it as `train_function`.
+    return model.train_function if built is None else built

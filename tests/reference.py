@@ -592,16 +592,21 @@ def train_sampa(
     lr,
     momentum=0.0,
     adversarial_batch="previous",
+    fits=(),
 ):
     """SAMPa (Xie et al.): g_adv at w + rho g_y/||g_y|| on the previous
     batch (`"previous"`; the step's own on the first step and when the
     batch's shape differs from the first batch's, which keeps nothing),
-    g_y at the auxiliary point on the step's batch."""
+    g_y at the auxiliary point on the step's batch. A new `fit` starts at
+    each step index in `fits`: its first batch's shape is kept from then
+    on, and nothing is kept yet."""
     params = [np.array(p, dtype=np.float64) for p in params]
     velocity = [np.zeros_like(p) for p in params]
     g_y = [np.zeros_like(p) for p in params]
     kept, shape = None, batches[0][0].shape
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
+        if step in fits and x.shape != shape:
+            kept, shape = None, x.shape
         adv_x, adv_y = (x, y)
         if adversarial_batch == "previous":
             if x.shape != shape:

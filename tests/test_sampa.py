@@ -84,6 +84,54 @@ def test_partial_batches_take_their_own_batch():
     ]
 
 
+@pytest.mark.parametrize("first, then", [(10, 8), (8, 10)])
+def test_kept_batch_follows_the_batch_size_of_each_fit(first, then):
+    """A warm-up `fit` with another batch size does not switch the
+    previous-batch rule off for the next `fit` (issue 26): the buffers
+    follow each fit's batch size, and the steps follow the reference."""
+    x, y = sam_setup.data(40)
+    model = keras_sam.SAMModel(sam_setup.mlp(sam_setup.initial_params()))
+    model.compile(optimizer=_sampa(0.3, 0.5), loss="mse")
+    model.fit(x, y, batch_size=first, epochs=1, shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=then, epochs=1, shuffle=False, verbose=0)
+    assert model.optimizer.batch_shapes() == [
+        ((then, sam_setup.D_IN), "float32"),
+        ((then, sam_setup.D_OUT), "float32"),
+    ]
+    batches = sam_setup.batches(x, y, first) + sam_setup.batches(x, y, then)
+    expected = reference.train_sampa(
+        sam_setup.initial_params(),
+        batches,
+        reference.mlp_loss_and_grads,
+        rho=0.3,
+        lam=0.5,
+        lr=0.1,
+        momentum=0.9,
+        fits=(len(x) // first,),
+    )
+    assert sam_setup.max_difference(sam_setup.weights(model), expected) < 1e-5
+    # Not the `"current"` rule, which the second fit used to fall back to.
+    current = reference.train_sampa(
+        sam_setup.initial_params(),
+        batches,
+        reference.mlp_loss_and_grads,
+        rho=0.3,
+        lam=0.5,
+        lr=0.1,
+        momentum=0.9,
+        adversarial_batch="current",
+    )
+    assert sam_setup.max_difference(expected, current) > 1e-3
+
+
+def test_unknown_batch_size_warns():
+    model = keras_sam.SAMModel(sam_setup.mlp(sam_setup.initial_params()))
+    model.compile(optimizer=_sampa(), loss="mse")
+    spec = keras.KerasTensor((None, sam_setup.D_IN))
+    with pytest.warns(UserWarning, match="batch dimension is unknown"):
+        model._note_batch(None, (spec, spec))
+
+
 @pytest.mark.parametrize("adversarial_batch", ["previous", "current"])
 def test_rho_and_lam_zero_is_the_inner_optimizer(adversarial_batch):
     """With `"current"`, exactly the inner optimizer; with `"previous"`, the

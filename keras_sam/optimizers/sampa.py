@@ -1,9 +1,12 @@
 """`SAMPa`: SAM whose two gradients of a step can run at the same time."""
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
 
+from keras_sam._keras_compat import replace_variable
 from keras_sam._validation import check_choice
 from keras_sam._validation import check_float
 from keras_sam.optimizers.sam import SAM
@@ -116,15 +119,16 @@ class SAMPa(SAM):
 
     @property
     def keeps_batch(self):
-        """Whether the step needs the previous batch's buffers built."""
-        return self.adversarial_batch == "previous" and self._has_batch is None
+        """Whether the step needs buffers of the training batch's shape."""
+        return self.adversarial_batch == "previous"
 
     def build_batch(self, data):
-        """Creates the buffers of the previous batch, shaped like `data`, a
-        training batch `(x, y, sample_weight)` of tensors or specs (or the
-        flat tuple of its arrays)."""
+        """Creates (or, for a batch of another shape, recreates in place)
+        the buffers of the previous batch, shaped like `data`, a training
+        batch `(x, y, sample_weight)` of tensors or specs. Returns whether
+        anything was (re)built, so the train function must be rebuilt."""
         if not self.keeps_batch:
-            return
+            return False
         leaves = _leaves(data)
         for leaf in leaves:
             dtype = keras.backend.standardize_dtype(leaf.dtype)
@@ -137,19 +141,42 @@ class SAMPa(SAM):
                     "`adversarial_batch='current'` for this data. Received: "
                     f"a batch array of dtype {dtype} and shape {shape}"
                 )
-        # Assigned attributes: the optimizer tracks them as its variables.
-        with keras.name_scope(self.name, caller=self):
-            self._has_batch = keras.Variable(
-                0, dtype="int32", trainable=False, name="has_batch"
-            )
-            self._batch = [
-                keras.Variable(
-                    ops.zeros(tuple(leaf.shape), _device_dtype(leaf.dtype)),
-                    trainable=False,
-                    name=f"batch_{i}",
+        specs = [
+            (tuple(leaf.shape), _device_dtype(leaf.dtype)) for leaf in leaves
+        ]
+        if self._has_batch is None:
+            # Assigned attributes: the optimizer tracks them as its
+            # variables.
+            with keras.name_scope(self.name, caller=self):
+                self._has_batch = keras.Variable(
+                    0, dtype="int32", trainable=False, name="has_batch"
                 )
-                for i, leaf in enumerate(leaves)
-            ]
+                self._batch = [
+                    _buffer(shape, dtype, i)
+                    for i, (shape, dtype) in enumerate(specs)
+                ]
+            return True
+        if specs == self.batch_shapes():
+            return False
+        if len(specs) != len(self._batch):
+            warnings.warn(
+                "SAMPa keeps the previous batch, but this training batch "
+                f"has {len(specs)} arrays where the kept one has "
+                f"{len(self._batch)} (sample weights added or dropped?): "
+                "its steps take the adversarial gradient on their own "
+                "batch, as `adversarial_batch='current'` would.",
+                stacklevel=2,
+            )
+            return False
+        # Another batch size: new buffers in the old ones' places (the
+        # optimizer's variables keep their order), nothing kept yet.
+        with keras.name_scope(self.name, caller=self):
+            for i, (shape, dtype) in enumerate(specs):
+                new = _buffer(shape, dtype, i)
+                replace_variable(self, self._batch[i], new)
+                self._batch[i] = new
+        self._has_batch.assign(0)
+        return True
 
     def adversarial_data(self, data):
         """The batch of the adversarial pass, and `keep()` (to call inside
@@ -252,6 +279,12 @@ class SAMPa(SAM):
         config["lam"] = self.lam
         config["adversarial_batch"] = self.adversarial_batch
         return config
+
+
+def _buffer(shape, dtype, i):
+    return keras.Variable(
+        ops.zeros(shape, dtype), trainable=False, name=f"batch_{i}"
+    )
 
 
 def _leaves(data):
