@@ -11,6 +11,8 @@ Private members used:
   moments `(mean, variance)` of a training call (Keras 3.x).
 - `keras.layers.BatchNormalization._reduction_axes`: the axes they reduce
   over (every axis but the feature axes).
+- `keras.optimizers.Optimizer._learning_rate`: the learning rate as given
+  (a schedule stays a schedule; the public `learning_rate` evaluates it).
 """
 
 import contextlib
@@ -47,3 +49,10 @@ def batchnorm_moments(moments):
 def batchnorm_reduction_axes(layer):
     """The axes a `BatchNormalization` layer's moments reduce over."""
     return tuple(layer._reduction_axes)
+
+
+def learning_rate_of(optimizer):
+    """The learning rate `optimizer` was given: a schedule as the schedule
+    object (`optimizer.learning_rate` is its value at the current step),
+    else the variable holding the constant."""
+    return optimizer._learning_rate

@@ -65,3 +65,14 @@ def test_batchnorm_reduction_axes():
     layer = keras.layers.BatchNormalization(axis=1)
     layer.build((2, 3, 5))
     assert _keras_compat.batchnorm_reduction_axes(layer) == (0, 2)
+
+
+def test_learning_rate_of_an_optimizer():
+    """`Optimizer._learning_rate`: the schedule object itself, or the
+    variable of a constant learning rate."""
+    schedule = keras.optimizers.schedules.CosineDecay(0.1, decay_steps=10)
+    optimizer = keras.optimizers.SGD(schedule)
+    assert _keras_compat.learning_rate_of(optimizer) is schedule
+    optimizer = keras.optimizers.SGD(0.25)
+    rate = _keras_compat.learning_rate_of(optimizer)
+    assert float(keras.ops.convert_to_numpy(rate)) == 0.25
