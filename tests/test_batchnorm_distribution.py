@@ -13,18 +13,38 @@ The devices must exist before JAX initializes: `tests/batchnorm_worker.py`
 trains every case in one subprocess with 4 simulated CPU devices.
 """
 
+import keras
 import numpy as np
 import pytest
 
+import keras_sam
 from tests import sam_setup
 from tests import workers
 from tests.conftest import BACKEND
 
 TOLERANCE = 1e-5
 
-pytestmark = pytest.mark.skipif(
+jax_only = pytest.mark.skipif(
     BACKEND != "jax", reason="keras.distribution.DataParallel on JAX"
 )
+
+
+def _base():
+    return keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization()]
+    )
+
+
+def test_per_replica_batchnorm_is_in_the_config():
+    model = keras_sam.SAMModel(_base(), per_replica_batchnorm=True)
+    restored = keras_sam.SAMModel.from_config(model.get_config())
+    assert restored.per_replica_batchnorm is True
+    assert keras_sam.SAMModel(_base()).per_replica_batchnorm is False
+
+
+def test_per_replica_batchnorm_must_be_a_bool():
+    with pytest.raises(TypeError, match="per_replica_batchnorm=1"):
+        keras_sam.SAMModel(_base(), per_replica_batchnorm=1)
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +63,14 @@ def _gap(result, name, devices):
     return sam_setup.max_difference(got, result["one_device"][name])
 
 
+@jax_only
 @pytest.mark.parametrize("devices", [2, 4])
 def test_plain_keras_equals_one_device(result, devices):
     """The behaviour to follow: Keras' own step on DataParallel."""
     assert _gap(result, "plain", devices) < TOLERANCE
 
 
+@jax_only
 @pytest.mark.parametrize("devices", [2, 4])
 @pytest.mark.parametrize("name", ["sync", "sampa", "every2_sync", "msam"])
 def test_sharpness_aware_equals_one_device(result, name, devices):
@@ -59,6 +81,7 @@ def test_sharpness_aware_equals_one_device(result, name, devices):
     assert _gap(result, name, devices) < TOLERANCE
 
 
+@jax_only
 @pytest.mark.parametrize("devices", [2, 4])
 def test_per_replica_batchnorm_equals_split_batches(result, devices):
     """Per-replica statistics and perturbation: each replica is the SAM
