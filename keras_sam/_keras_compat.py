@@ -6,6 +6,9 @@ public, and the library needs, is named here once, each with a test in
 breaks here and in that test, not somewhere in a train step.
 """
 
+import contextlib
+import functools
+
 import keras
 
 # ---- optimizers ----
@@ -107,3 +110,43 @@ def make_train_function_as(model, train_step, force=True):
         del model.__dict__["train_step"]
     # The JAX trainer returns nothing and keeps it as `train_function`.
     return model.train_function if built is None else built
+
+
+# ---- layers ----
+
+_BatchNormalization = keras.layers.BatchNormalization
+
+
+@contextlib.contextmanager
+def batchnorm_moments(moments):
+    """Within the context, `BatchNormalization` layers in training take
+    their batch moments from `moments(layer, inputs, mask, own)`, where
+    `own(inputs, mask)` is Keras' own computation for that layer.
+
+    Meant for the time a step is traced (the replica glue replaces the
+    moments of a replica's part of the batch with the global batch's); the
+    class attribute is restored on exit, exceptions included. Subclasses
+    that override `_moments` keep their own.
+    """
+    own = _BatchNormalization.__dict__["_moments"]
+
+    def replaced(layer, inputs, mask=None):
+        return moments(layer, inputs, mask, functools.partial(own, layer))
+
+    _BatchNormalization._moments = replaced
+    try:
+        yield
+    finally:
+        _BatchNormalization._moments = own
+
+
+def batchnorm_reduction_axes(layer):
+    """The axes a `BatchNormalization` layer's moments reduce over."""
+    return tuple(layer._reduction_axes)
+
+
+def learning_rate_of(optimizer):
+    """The learning rate `optimizer` was given: a schedule as the schedule
+    object (`optimizer.learning_rate` is its value at the current step),
+    else the variable holding the constant."""
+    return optimizer._learning_rate

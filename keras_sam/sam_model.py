@@ -8,9 +8,11 @@ import keras
 
 from keras_sam import _keras_compat
 from keras_sam import optimizers as sam_optimizers
+from keras_sam import backend
 from keras_sam import step
 from keras_sam._batch_state import BatchState
 from keras_sam._host_programs import HostPrograms
+from keras_sam._validation import check_bool
 from keras_sam._validation import check_rho
 
 
@@ -37,6 +39,13 @@ class SAMModel(HostPrograms, BatchState, keras.Model):
             it in `keras_sam.optimizers.SAM(optimizer, rho=rho)`. Without it a
             stock optimizer is wrapped with SAM's default `rho=0.05`, and a
             sharpness-aware optimizer is used as is. Defaults to `None`.
+        per_replica_batchnorm: Boolean. Under a JAX
+            `keras.distribution.DataParallel`, plain Keras takes BatchNorm
+            statistics over the global batch, and so does the step by
+            default; `True` takes them over each replica's part of the
+            batch instead ("ghost" batch norm, what
+            `tf.distribute.MirroredStrategy` gives for layers that are not
+            `synchronized`). No effect elsewhere. Defaults to `False`.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -53,7 +62,7 @@ class SAMModel(HostPrograms, BatchState, keras.Model):
           Generalization, ICLR 2021.
     """
 
-    def __init__(self, model, rho=None, **kwargs):
+    def __init__(self, model, rho=None, per_replica_batchnorm=False, **kwargs):
         if not isinstance(model, keras.Model):
             raise TypeError(
                 "`model` must be a `keras.Model` (Sequential, functional or "
@@ -80,6 +89,9 @@ class SAMModel(HostPrograms, BatchState, keras.Model):
         super().__init__(**kwargs)
         self.model = model
         self.rho = rho
+        self.per_replica_batchnorm = check_bool(
+            "per_replica_batchnorm", per_replica_batchnorm
+        )
         self._compile_args = None
         if model.built:
             self.built = True
@@ -271,7 +283,8 @@ class SAMModel(HostPrograms, BatchState, keras.Model):
     def train_step(self, *args):
         # TensorFlow and torch call train_step(data); JAX train_step(state,
         # data). `keras_sam.step` runs the two-pass step for both.
-        return step.train_step(self, *args)
+        with backend.per_replica_batchnorm(self.per_replica_batchnorm):
+            return step.train_step(self, *args)
 
     def loss_metric(self):
         """The metric tracking the loss (named `"loss"`), if compiled."""
@@ -288,6 +301,7 @@ class SAMModel(HostPrograms, BatchState, keras.Model):
             {
                 "model": keras.saving.serialize_keras_object(self.model),
                 "rho": self.rho,
+                "per_replica_batchnorm": self.per_replica_batchnorm,
             }
         )
         return config

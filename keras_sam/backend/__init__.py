@@ -34,6 +34,9 @@ all_reduce = _impl.all_reduce
 all_replicas = _impl.all_replicas
 in_replica = _impl.in_replica
 per_replica = _impl.per_replica
+# BatchNorm statistics in a `per_replica` region: the global batch's (as
+# plain Keras on JAX `DataParallel`) unless this context says per replica.
+per_replica_batchnorm = _impl.per_replica_batchnorm
 in_parallel = _impl.in_parallel
 unscale_loss_for_distribution = _impl.unscale_loss_for_distribution
 random_state = _impl.random_state

@@ -55,3 +55,10 @@ def set_random_state(state):
 
 
 no_grad = contextlib.nullcontext
+
+
+def per_replica_batchnorm(enabled):
+    """BatchNorm statistics are the batch's each step sees: a plain
+    context (under `tf.distribute`, each replica's own unless the layer
+    is `synchronized`, as in plain Keras)."""
+    return contextlib.nullcontext()

@@ -5,14 +5,24 @@ The step is stateless on JAX (`keras_sam.step` returns the new state). A
 `DataParallel` the step's passes run once per replica instead
 (`per_replica`, a `shard_map` over the batch axis), and inside it the
 replica glue reduces over that axis. Elsewhere it is the identity.
+
+BatchNorm in a `per_replica` region: plain Keras on `DataParallel` takes
+the batch statistics over the global batch (one program over the sharded
+batch), so by default the region does too: each `BatchNormalization`'s
+moments are pooled over the replica axis (`_global_moments`), and the
+step equals one device as plain Keras does. `per_replica_batchnorm(True)`
+keeps each replica's own statistics instead ("ghost" batch norm, what
+`tf.distribute.MirroredStrategy` and PyTorch DDP give).
 """
 
+import contextlib
 import functools
 
 import jax
 import keras
 import numpy as np
 
+from keras_sam import _keras_compat
 from keras_sam.backend import _one_replica
 from keras_sam.backend._one_replica import apply_if  # noqa: F401
 from keras_sam.backend._one_replica import no_grad  # noqa: F401
@@ -24,6 +34,66 @@ from keras_sam.backend._one_replica import (  # noqa: F401
 
 # The mesh axis of the `per_replica` region being traced, if any.
 _REPLICA_AXES = []
+# Whether BatchNorm in such a region keeps each replica's own statistics.
+_PER_REPLICA_BATCHNORM = [False]
+
+
+@contextlib.contextmanager
+def per_replica_batchnorm(enabled):
+    """While a step is traced in this context, BatchNorm statistics in a
+    `per_replica` region are each replica's own (`enabled`) or the global
+    batch's (else, the default: as plain Keras on `DataParallel`)."""
+    _PER_REPLICA_BATCHNORM.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _PER_REPLICA_BATCHNORM.pop()
+
+
+@contextlib.contextmanager
+def _replica_region(axis):
+    """Traces the code of one replica over the mesh axis `axis`: the glue
+    reduces over it, and so do BatchNorm's moments unless the user asked
+    for per-replica statistics."""
+    _REPLICA_AXES.append(axis)
+    try:
+        if _PER_REPLICA_BATCHNORM[-1]:
+            yield
+        else:
+            pooled = functools.partial(_global_moments, axis)
+            with _keras_compat.batchnorm_moments(pooled):
+                yield
+    finally:
+        _REPLICA_AXES.pop()
+
+
+def _global_moments(axis, layer, inputs, mask, own):
+    """A BatchNorm layer's `(mean, variance)` over the global batch, from
+    each replica's own moments over its part:
+
+    ```
+    mean     = sum_r n_r mean_r / sum_r n_r
+    variance = sum_r n_r (variance_r + (mean_r - mean)^2) / sum_r n_r
+    ```
+
+    `n_r` is the replica's count of (unmasked) values per feature; without
+    a mask every replica holds an equal part of the batch.
+    """
+    mean, variance = own(inputs, mask)
+    axes = _keras_compat.batchnorm_reduction_axes(layer)
+    if 0 not in axes:  # the batch axis is a feature axis: nothing pooled
+        return mean, variance
+    if mask is None:
+        count = jax.numpy.ones((), mean.dtype)
+    else:
+        weights = jax.numpy.broadcast_to(
+            jax.numpy.expand_dims(mask, -1), inputs.shape
+        ).astype(mean.dtype)
+        count = jax.numpy.sum(weights, axis=axes).reshape(mean.shape)
+    total = jax.numpy.maximum(jax.lax.psum(count, axis), keras.config.epsilon())
+    global_mean = jax.lax.psum(count * mean, axis) / total
+    spread = variance + jax.numpy.square(mean - global_mean)
+    return global_mean, jax.lax.psum(count * spread, axis) / total
 
 
 def all_reduce(grads):
@@ -68,11 +138,8 @@ def per_replica(fn, state, data):
     split = jax.sharding.PartitionSpec(axis)
 
     def local(state, data):
-        _REPLICA_AXES.append(axis)
-        try:
+        with _replica_region(axis):
             means, sums, batched = fn(state, data)
-        finally:
-            _REPLICA_AXES.pop()
         return (*_reduce(axis, means, sums), batched)
 
     mapped = jax.shard_map(
@@ -155,11 +222,8 @@ def in_parallel(fn, shared, first, second, between=None):
         if group is None:
             means, sums, batched = fn(shared, *mine)
         else:
-            _REPLICA_AXES.append(group)
-            try:
+            with _replica_region(group):
                 means, sums, batched = fn(shared, *mine)
-            finally:
-                _REPLICA_AXES.pop()
             means, sums = _reduce(group, means, sums)
         buffers, layout = _pack((means, sums))
         packed.append(layout)

@@ -6,6 +6,7 @@ from keras_sam.backend._one_replica import in_parallel  # noqa: F401
 from keras_sam.backend._one_replica import in_replica  # noqa: F401
 from keras_sam.backend._one_replica import no_grad  # noqa: F401
 from keras_sam.backend._one_replica import per_replica  # noqa: F401
+from keras_sam.backend._one_replica import per_replica_batchnorm  # noqa: F401
 from keras_sam.backend._one_replica import random_state  # noqa: F401
 from keras_sam.backend._one_replica import set_random_state  # noqa: F401
 

@@ -9,6 +9,7 @@ from keras_sam.backend._one_replica import apply_if  # noqa: F401
 from keras_sam.backend._one_replica import in_parallel  # noqa: F401
 from keras_sam.backend._one_replica import in_replica  # noqa: F401
 from keras_sam.backend._one_replica import per_replica  # noqa: F401
+from keras_sam.backend._one_replica import per_replica_batchnorm  # noqa: F401
 from keras_sam.backend._one_replica import (  # noqa: F401
     unscale_loss_for_distribution,
 )
