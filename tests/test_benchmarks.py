@@ -158,3 +158,13 @@ def test_which_sam_smoke_and_resume(tmp_path, monkeypatch):
     )
     again = which_sam.main(argv + ["--out", str(tmp_path)])
     assert again["runs"] == data["runs"]
+
+
+def test_which_sam_mnist1d_networks_are_the_papers():
+    setup = _load("which_sam_setup")
+    # ConvBase of the MNIST-1D code: 3 Conv1d of 25 channels (5, 3, 3;
+    # stride 2, padding 1), Linear(125, 10); MLPBase: 40-100-100-10.
+    cnn = setup.mnist1d_cnn()
+    assert cnn.layers[-2].output.shape[-1] == 125
+    assert cnn.count_params() == 150 + 1900 + 1900 + 1260
+    assert setup.mnist1d_mlp().count_params() == 4100 + 10100 + 1010
