@@ -1,14 +1,18 @@
 """LETS: robustness to the initial rho, against SAM at fixed rho.
 
-On scikit-learn's digits with symmetric label noise (20% by default; the
-setup of `benchmarks/accuracy.py`: 64-256-256-10 MLP, SGD 0.05 with momentum
-0.9, batch 32, a 10% validation split as noisy as the training split):
+On a task of `benchmarks/which_sam_setup.py` with symmetric label noise
+(20% by default): `digits` (the setup of `benchmarks/accuracy.py`:
+64-256-256-10 MLP, SGD 0.05 with momentum 0.9, batch 32) or `mnist1d_mlp`
+(40-100-100-10, Adam 1e-2, batch 100); a 10% validation split as noisy as
+the training split:
 
 1. SAM at a sweep of fixed rho, to find the best one (mean test accuracy
-   over the seeds);
-2. `LearnedRadius` started at 0.01x and 10x that best rho, with today's
-   update (secant dw/drho, Adam-normalized step on log rho) and with the
-   paper's (diagonal Hessian approximation, plain gradient step on rho);
+   over the seeds), or `--best` to skip the sweep;
+2. `LearnedRadius` started at 0.01x and 10x that best rho, with the
+   Adam-normalized log-rho step (secant dw/drho) and either objective:
+   `lets_gap_lr{x}` (squared gap) and `lets_val_lr{x}` (validation loss),
+   and with the paper's update (`lets_paper_lr{x}`: squared gap, diagonal
+   Hessian approximation, plain gradient step on rho);
 3. SAM at each of those start values, for comparison.
 
 Reports the final rho and the clean test accuracy (mean, std over seeds) and
@@ -35,22 +39,24 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras_sam  # noqa: E402
-from accuracy import make_splits  # noqa: E402
-from accuracy import mlp  # noqa: E402
+from which_sam_setup import TASKS  # noqa: E402
+from which_sam_setup import splits as make_splits  # noqa: E402
 
 # name -> LearnedRadius options
-TODAY = dict(hypergradient="secant", rho_step="normalized")
-PAPER = dict(hypergradient="diagonal", rho_step="plain")
+GAP = dict(hypergradient="secant", rho_step="normalized", objective="gap")
+VALIDATION = dict(GAP, objective="validation")
+PAPER = dict(hypergradient="diagonal", rho_step="plain", objective="gap")
 
 
 def updates(args):
-    """`lets_today_lr{x}` and `lets_paper_lr{x}` -> LearnedRadius options."""
+    """`lets_{gap,val,paper}_lr{x}` -> LearnedRadius options."""
     table = {}
     for kind, options, rates in (
-        ("today", TODAY, args.rho_lr_today),
+        ("gap", GAP, args.rho_lr_gap),
+        ("val", VALIDATION, args.rho_lr_val),
         ("paper", PAPER, args.rho_lr_paper),
     ):
-        for lr in rates.split(","):
+        for lr in filter(None, rates.split(",")):
             table[f"lets_{kind}_lr{float(lr):g}"] = dict(
                 options, learning_rate=float(lr)
             )
@@ -60,9 +66,10 @@ def updates(args):
 def run(splits, initial, rho, args, update=None):
     """Trains once; returns (test accuracy, final rho)."""
     (x, y), val, (x_test, y_test) = splits
-    net = mlp()
+    net_fn, inner_fn, batch_size, _ = TASKS[args.task]
+    net = net_fn()
     net.set_weights(initial)
-    sgd = keras.optimizers.SGD(args.lr, momentum=0.9)
+    sgd = inner_fn(args.lr)
     if update is None:
         radius = rho
     else:
@@ -80,7 +87,13 @@ def run(splits, initial, rho, args, update=None):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=args.batch_size or batch_size,
+        epochs=args.epochs,
+        verbose=0,
+    )
     _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     return float(accuracy), float(keras.ops.convert_to_numpy(optimizer.rho))
 
@@ -90,8 +103,8 @@ def task(job):
     key, seed, args = job
     method, rho = key.split("@")
     keras.utils.set_random_seed(seed)
-    splits = make_splits("digits", args.noise, seed)
-    initial = mlp().get_weights()
+    splits = make_splits(args.task, args.noise, seed)
+    initial = TASKS[args.task][0]().get_weights()
     update = None if method == "sam" else method
     start = time.time()
     acc, final = run(splits, initial, float(rho), args, update)
@@ -109,17 +122,31 @@ def stats(values):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="digits", choices=sorted(TASKS))
     parser.add_argument("--noise", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--sweep", default="0.02,0.05,0.1,0.2,0.5,1.0")
     parser.add_argument(
-        "--rho-lr-today", default="0.01", help="comma-separated"
+        "--best",
+        type=float,
+        default=None,
+        help="best fixed rho (skips the sweep)",
     )
+    parser.add_argument("--rho-lr-gap", default="0.01", help="comma-separated")
+    parser.add_argument("--rho-lr-val", default="0.01", help="comma-separated")
     parser.add_argument(
         "--rho-lr-paper", default="100,1000", help="comma-separated"
+    )
+    parser.add_argument(
+        "--starts", default="0.01,10", help="start rho / best rho"
+    )
+    parser.add_argument(
+        "--skip-sam",
+        action="store_true",
+        help="with --best: no fixed-rho SAM runs (compare with an earlier JSON)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--quick", action="store_true")
@@ -127,6 +154,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.sweep = 1, 1, "0.05,0.5"
+        args.rho_lr_paper = "1000"
     os.makedirs(args.out, exist_ok=True)
     seeds = list(range(args.seeds))
     results = {}  # "method@rho" -> list of (accuracy, final rho)
@@ -150,16 +178,22 @@ def main(argv=None):
             results[key] = [by_seed[seed] for seed in seeds]
 
     sweep = [float(r) for r in args.sweep.split(",")]
-    measure([f"sam@{rho:g}" for rho in sweep])
-    best = max(
-        sweep, key=lambda r: np.mean([a for a, _ in results[f"sam@{r:g}"]])
-    )
-    starts = [0.01 * best, 10.0 * best]
+    if args.best is None:
+        measure([f"sam@{rho:g}" for rho in sweep])
+        best = max(
+            sweep,
+            key=lambda r: np.mean([a for a, _ in results[f"sam@{r:g}"]]),
+        )
+    else:
+        best = args.best
+        measure([] if args.skip_sam else [f"sam@{best:g}"])
+    starts = [float(m) * best for m in args.starts.split(",")]
     measure(
         [
             f"{method}@{rho:g}"
             for rho in starts
-            for method in ["sam"] + list(updates(args))
+            for method in ([] if args.skip_sam else ["sam"])
+            + list(updates(args))
         ]
     )
     pool.shutdown()
@@ -184,10 +218,13 @@ def main(argv=None):
         "best_fixed_rho": best,
         "rows": rows,
     }
-    with open(os.path.join(args.out, "lets_robustness.json"), "w") as f:
+    stem = "lets_robustness" + (
+        "" if args.task == "digits" else f"_{args.task}"
+    )
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = [
-        f"Digits, {args.noise:.0%} label noise, {args.epochs} epochs, "
+        f"{args.task}, {args.noise:.0%} label noise, {args.epochs} epochs, "
         f"{args.seeds} seeds; best fixed rho for SAM: {best:g}.",
         "",
         "| method | start rho | final rho (mean ± std) | test acc. (%) |",
@@ -200,12 +237,13 @@ def main(argv=None):
             f"| {100 * am:.2f} ± {100 * as_:.2f} |"
         )
     lines.append(
-        "\nlets_today_lr{x}: secant dw/drho, Adam-normalized log-rho step; "
+        "\nlets_gap_lr{x} / lets_val_lr{x}: secant dw/drho, Adam-normalized "
+        "log-rho step, squared gap / validation loss objective; "
         "lets_paper_lr{x}: diagonal Hessian approximation, plain rho step; "
         "{x} is LearnedRadius' learning_rate."
     )
     text = "\n".join(lines)
-    with open(os.path.join(args.out, "lets_robustness.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(text + "\n")
     print(text)
 

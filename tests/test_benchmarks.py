@@ -136,3 +136,35 @@ def test_sampa_accuracy_main_quick(tmp_path):
         for scores in row.values():
             assert all(0.0 <= a <= 1.0 for a in scores["test"])
     assert (tmp_path / "sampa_accuracy.md").exists()
+
+
+def test_which_sam_smoke_and_resume(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("scipy")
+    which_sam = _load("which_sam")
+    argv = ["--smoke", "--methods", "plain,sam_every5,wsam"]
+    data = which_sam.main(argv + ["--out", str(tmp_path)])
+    picks = data["picks"]
+    assert {"digits|0.2|plain", "digits|0.2|sam_every5"} <= set(picks)
+    assert len(picks["digits|0.2|plain"]["runs"]) == 2
+    assert picks["digits|0.2|plain"]["runs"][0]["passes"] == 1.0
+    assert 1.0 < picks["digits|0.2|sam_every5"]["runs"][0]["passes"] < 1.3
+    for name in ("which_sam.json", "which_sam.md", "which_sam_digits.png"):
+        assert (tmp_path / name).exists()
+    # Resumable: a second call finds every run in the JSON.
+    monkeypatch.setattr(
+        which_sam, "train", lambda *a, **k: pytest.fail("ran again")
+    )
+    again = which_sam.main(argv + ["--out", str(tmp_path)])
+    assert again["runs"] == data["runs"]
+
+
+def test_which_sam_mnist1d_networks_are_the_papers():
+    setup = _load("which_sam_setup")
+    # ConvBase of the MNIST-1D code: 3 Conv1d of 25 channels (5, 3, 3;
+    # stride 2, padding 1), Linear(125, 10); MLPBase: 40-100-100-10.
+    cnn = setup.mnist1d_cnn()
+    assert cnn.layers[-2].output.shape[-1] == 125
+    assert cnn.count_params() == 150 + 1900 + 1900 + 1260
+    assert setup.mnist1d_mlp().count_params() == 4100 + 10100 + 1010

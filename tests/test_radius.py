@@ -572,9 +572,13 @@ def test_config_round_trip():
         "hypergradient": "secant",
         "rho_step": "normalized",
         "validation_mode": "training",
+        "objective": "gap",
     }
     options = dict(
-        hypergradient="diagonal", rho_step="plain", validation_mode="inference"
+        hypergradient="diagonal",
+        rho_step="plain",
+        validation_mode="inference",
+        objective="validation",
     )
     radius = keras_sam.LearnedRadius(validation_data=(xv, yv), **options)
     clone = keras_sam.LearnedRadius.from_config(radius.get_config())
