@@ -184,7 +184,7 @@ def _adaptive(net, inner, rho, knob, val, steps):
 def _late_phase(net, inner, rho, knob, val, steps):
     # SAM only in the last `knob` fraction of training.
     cls = _get(keras_sam.schedules, "LatePhase")
-    schedule = cls(start=int(round((1 - knob) * steps)))
+    schedule = cls(start_step=int(round((1 - knob) * steps)))
     return _sam(schedule=schedule)(net, inner, rho, knob, val, steps)
 
 
