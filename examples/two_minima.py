@@ -79,7 +79,7 @@ def landscape_loss(y_true, y_pred):
 
 
 def train(optimizer, steps, start=START, sam=False):
-    """Run `steps` full-batch steps from `start`; return the path (steps+1, 2)."""
+    """Run `steps` full-batch steps from `start`; return the path."""
     point = Point(start)
     model = keras_sam.SAMModel(point) if sam else point
     model.compile(optimizer=optimizer, loss=landscape_loss)

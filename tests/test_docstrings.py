@@ -17,7 +17,6 @@ their own data, so the runner is lenient where that is intended:
 
 import doctest
 import inspect
-import os
 import tempfile
 
 import keras
@@ -89,8 +88,10 @@ def _examples():
     parser = doctest.DocTestParser()
     cases = []
     for qualname, obj in _objects():
-        doc = inspect.getdoc(obj) if not isinstance(obj, property) else (
-            obj.__doc__
+        doc = (
+            inspect.getdoc(obj)
+            if not isinstance(obj, property)
+            else (obj.__doc__)
         )
         if not doc or ">>>" not in doc:
             continue
