@@ -65,7 +65,9 @@ def accuracy(model, x, y):
 
 
 def kernel_norm(model):
-    kernels = [l.kernel for l in model.layers if hasattr(l, "kernel")]
+    kernels = [
+        layer.kernel for layer in model.layers if hasattr(layer, "kernel")
+    ]
     return float(
         np.sqrt(
             sum(np.sum(keras.ops.convert_to_numpy(k) ** 2) for k in kernels)

@@ -32,9 +32,9 @@ def test_frameworks_are_imported_only_in_backend(path):
         root = name.split(".")[0]
         if root in FRAMEWORKS:
             assert in_backend, f"{path.name}:{line} imports {name}"
-        assert not name.startswith("keras.src"), (
-            f"{path.name}:{line} imports private {name}"
-        )
+        assert not name.startswith(
+            "keras.src"
+        ), f"{path.name}:{line} imports private {name}"
 
 
 @pytest.mark.parametrize(

@@ -191,7 +191,8 @@ def test_joint_norm_never_increases():
     model = _mlp()
     x = _x(24, 20)
     before = {
-        l.name: (_np(l.kernel), _np(l.bias)) for l in _dense_layers(model)
+        layer.name: (_np(layer.kernel), _np(layer.bias))
+        for layer in _dense_layers(model)
     }
 
     keras_sam.optimum_shift(model, x, minimize="joint", layers="all")
@@ -455,8 +456,8 @@ def test_callback_during_fit():
     assert all(a < b for a, b in zip(after, before))
     # The shift of the last epoch survives the end of `fit`.
     report = callback.last_report
-    assert report.shifted == [l.name for l in base.layers]
-    norm = np.sqrt(sum(np.sum(_np(l.kernel) ** 2) for l in base.layers))
+    assert report.shifted == [layer.name for layer in base.layers]
+    norm = np.sqrt(sum(np.sum(_np(layer.kernel) ** 2) for layer in base.layers))
     np.testing.assert_allclose(norm, report.kernel_norm_after, rtol=1e-5)
     assert report.output_max_rel_change < 1e-4
 

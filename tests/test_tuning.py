@@ -171,9 +171,7 @@ def test_space_defaults():
 
 
 def test_space_asam_and_fixed_overrides():
-    hypermodel = tuning.SAMHyperModel(
-        build_model, optimizer="sgd", loss=LOSS
-    )
+    hypermodel = tuning.SAMHyperModel(build_model, optimizer="sgd", loss=LOSS)
     hp = keras_tuner.HyperParameters()
     hp.Fixed("variant", "asam")
     model = hypermodel.build(hp)
