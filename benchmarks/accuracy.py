@@ -211,9 +211,7 @@ def train_and_test(method, net_fn, initial, splits, args):
         epochs=args.epochs,
         verbose=0,
     )
-    _, accuracy = model.evaluate(
-        x_test, y_test, batch_size=256, verbose=0
-    )
+    _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     return float(accuracy)
 
 
@@ -223,8 +221,11 @@ def summarize(runs, methods, noises):
     for m in methods:
         summary[m] = {}
         for noise in noises:
-            accs = [r["accuracy"] for r in runs
-                    if r["method"] == m and r["noise"] == noise]
+            accs = [
+                r["accuracy"]
+                for r in runs
+                if r["method"] == m and r["noise"] == noise
+            ]
             summary[m][noise] = (float(np.mean(accs)), float(np.std(accs)))
     return summary
 
@@ -240,9 +241,7 @@ def markdown(summary, noises, seeds):
             f"{100 * row[n][0]:.2f} ± {100 * row[n][1]:.2f}" for n in noises
         )
         lines.append(f"| {m} | {cells} |")
-    lines.append(
-        f"\nTest accuracy (%), mean ± std over {len(seeds)} seed(s)."
-    )
+    lines.append(f"\nTest accuracy (%), mean ± std over {len(seeds)} seed(s).")
     return "\n".join(lines)
 
 
@@ -278,25 +277,27 @@ def plot(summary, noises, title, path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dataset", choices=sorted(DATASETS), default="digits"
-    )
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits")
     parser.add_argument(
         "--noise", default="0,0.2,0.4", help="comma-separated noise rates"
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
-        "--epochs", type=int, default=None,
+        "--epochs",
+        type=int,
+        default=None,
         help="default: 30 (digits), 15 (cifar10)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument(
-        "--methods", default=None,
+        "--methods",
+        default=None,
         help="comma-separated subset; default: all available",
     )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="smoke run: 1 seed, 2 epochs",
     )
     parser.add_argument("--out", default="accuracy_results")
@@ -314,8 +315,10 @@ def main(argv=None):
     methods = available if args.methods is None else args.methods.split(",")
     unknown = sorted(set(methods) - set(available))
     if unknown:
-        raise SystemExit(f"Unknown or unavailable methods {unknown}; "
-                         f"available: {available}")
+        raise SystemExit(
+            f"Unknown or unavailable methods {unknown}; "
+            f"available: {available}"
+        )
     noises = [float(n) for n in args.noise.split(",")]
     seeds = list(range(args.seeds))
     net_fn = DATASETS[args.dataset][1]
@@ -328,20 +331,29 @@ def main(argv=None):
             for method in methods:
                 keras.utils.set_random_seed(seed)
                 start = time.perf_counter()
-                accuracy = train_and_test(
-                    method, net_fn, initial, splits, args
-                )
+                accuracy = train_and_test(method, net_fn, initial, splits, args)
                 seconds = time.perf_counter() - start
-                runs.append({"noise": noise, "seed": seed, "method": method,
-                             "accuracy": accuracy, "seconds": seconds})
-                print(f"noise {noise:.0%} seed {seed} {method:>5}: "
-                      f"test accuracy {accuracy:.4f} ({seconds:.1f} s)",
-                      flush=True)
+                runs.append(
+                    {
+                        "noise": noise,
+                        "seed": seed,
+                        "method": method,
+                        "accuracy": accuracy,
+                        "seconds": seconds,
+                    }
+                )
+                print(
+                    f"noise {noise:.0%} seed {seed} {method:>5}: "
+                    f"test accuracy {accuracy:.4f} ({seconds:.1f} s)",
+                    flush=True,
+                )
                 keras.backend.clear_session()
 
     summary = summarize(runs, methods, noises)
-    title = (f"{args.dataset}, {args.epochs} epochs, "
-             f"{keras.backend.backend()} backend")
+    title = (
+        f"{args.dataset}, {args.epochs} epochs, "
+        f"{keras.backend.backend()} backend"
+    )
     table = markdown(summary, noises, seeds)
     print(f"\n{title}\n\n{table}")
     os.makedirs(args.out, exist_ok=True)
@@ -354,8 +366,9 @@ def main(argv=None):
         "keras": keras.__version__,
         "args": vars(args),
         "runs": runs,
-        "summary": {m: {str(n): v for n, v in row.items()}
-                    for m, row in summary.items()},
+        "summary": {
+            m: {str(n): v for n, v in row.items()} for m, row in summary.items()
+        },
     }
     with open(os.path.join(args.out, "accuracy.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -167,7 +167,8 @@ def verdict(summary, gain, key="passes"):
         )
     if winners:
         return (
-            f"At <= 1.3x plain's cost {_COST_NAMES[key]}, {', '.join(winners)} kept "
+            f"At <= 1.3x plain's cost {_COST_NAMES[key]}, "
+            f"{', '.join(winners)} kept "
             ">= 80% of "
             f"SAM's gain of {100 * gain:.2f} points over plain."
         )

@@ -25,8 +25,8 @@ writes `lets_robustness.json` and `lets_robustness.md` to `--out`.
 import argparse
 import concurrent.futures
 import datetime
-import multiprocessing
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras_sam  # noqa: E402
 from which_sam_setup import TASKS  # noqa: E402
 from which_sam_setup import splits as make_splits  # noqa: E402
+
+import keras_sam  # noqa: E402
 
 # name -> LearnedRadius options
 GAP = dict(hypergradient="secant", rho_step="normalized", objective="gap")
@@ -146,7 +147,8 @@ def main(argv=None):
     parser.add_argument(
         "--skip-sam",
         action="store_true",
-        help="with --best: no fixed-rho SAM runs (compare with an earlier JSON)",
+        help="with --best: no fixed-rho SAM runs (compare with an earlier "
+        "JSON)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--quick", action="store_true")

@@ -28,7 +28,7 @@ order; the smaller of its two times is reported.
 
     KERAS_BACKEND=jax python benchmarks/multi_gpu_step.py --loop fit  # GPUs
     XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \\
-        python benchmarks/multi_gpu_step.py --model tiny --steps 3     # CPU smoke
+        python benchmarks/multi_gpu_step.py --model tiny --steps 3  # CPU smoke
 """
 
 import argparse

@@ -80,7 +80,9 @@ def run(kind):
         except subprocess.TimeoutExpired:
             worker.kill()
             stdout, _ = worker.communicate()
-        lines = [l for l in stdout.splitlines() if l.startswith("OUTCOME ")]
+        lines = [
+            line for line in stdout.splitlines() if line.startswith("OUTCOME ")
+        ]
         outcomes.append(lines[-1][len("OUTCOME ") :] if lines else "no output")
     return outcomes
 

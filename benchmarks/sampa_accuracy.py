@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras_sam  # noqa: E402
 from accuracy import make_splits  # noqa: E402
 from accuracy import mlp  # noqa: E402
+
+import keras_sam  # noqa: E402
 
 METHODS = ("sam", "sampa", "sampa_current")
 

@@ -375,7 +375,9 @@ def measure(model_name, methods, args):
         times, k = run["times"], run["period"]
         windows = [
             sum(times[i : i + k]) / k for i in range(0, len(times) - k + 1, k)
-        ] or [sum(times) / len(times)]  # fewer steps than one window
+        ] or [
+            sum(times) / len(times)
+        ]  # fewer steps than one window
         model = run["model"]
         memory = step_memory(model, x, y) if args.memory else None
         if memory is None and args.memory and reset_peak():
@@ -453,7 +455,8 @@ def environment(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", choices=["small", "resnet18", "both", "tiny"],
+        "--model",
+        choices=["small", "resnet18", "both", "tiny"],
         default="small",
         help="'tiny' is a smoke-test network",
     )
@@ -493,8 +496,10 @@ def main(argv=None):
     methods = available if args.methods is None else args.methods.split(",")
     unknown = sorted(set(methods) - set(available))
     if unknown:
-        raise SystemExit(f"Unknown or unavailable methods {unknown}; "
-                         f"available: {available}")
+        raise SystemExit(
+            f"Unknown or unavailable methods {unknown}; "
+            f"available: {available}"
+        )
     methods = ["plain"] + [m for m in methods if m != "plain"]
     models = ["small", "resnet18"] if args.model == "both" else [args.model]
     env = environment(args)

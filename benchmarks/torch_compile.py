@@ -88,7 +88,8 @@ def main():
         results = {}
         for sam in (False, True):
             for jit in (False, True):
-                name = f"{'sam' if sam else 'plain'}-{'compiled' if jit else 'eager'}"
+                kind = "compiled" if jit else "eager"
+                name = f"{'sam' if sam else 'plain'}-{kind}"
                 try:
                     results[name] = run(
                         sam, jit, dropout, x, y, args.steps, args.batch_size

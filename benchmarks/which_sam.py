@@ -22,7 +22,8 @@ against passes per step, one point per method with its interval).
 
     python benchmarks/which_sam.py --smoke                   # < 1 min, CPU
     python benchmarks/which_sam.py --baseline                # MNIST-1D, paper
-    KERAS_BACKEND=jax python benchmarks/which_sam.py --out benchmarks/results/which_sam
+    KERAS_BACKEND=jax python benchmarks/which_sam.py \\
+        --out benchmarks/results/which_sam
     python benchmarks/which_sam.py --looksam-ablation --seeds 2
 """
 

@@ -1,15 +1,25 @@
 """keras-sam: sharpness-aware training for Keras 3."""
 
-from keras_sam import manifolds
-from keras_sam import layers
-from keras_sam import optimizers
-from keras_sam import schedules
-from keras_sam import callbacks
-from keras_sam import sharpness
+from keras_sam import callbacks as callbacks
+from keras_sam import layers as layers
+from keras_sam import manifolds as manifolds
+from keras_sam import optimizers as optimizers
+from keras_sam import schedules as schedules
+from keras_sam import sharpness as sharpness
 from keras_sam.optimum_shift import ShiftReport
 from keras_sam.optimum_shift import optimum_shift  # the function, not module
 from keras_sam.radius import LearnedRadius
 from keras_sam.sam_model import SAMModel
+
+# The public names besides the subpackages (`callbacks`, `layers`,
+# `manifolds`, `optimizers`, `schedules`, `sharpness`, and `tuning`, loaded
+# on first use).
+__all__ = [
+    "LearnedRadius",
+    "SAMModel",
+    "ShiftReport",
+    "optimum_shift",
+]
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sam import optimizers as sam_optimizers
 from keras_sam import sharpness
 from keras_sam._data import as_batches
 from keras_sam._validation import check_choice
@@ -15,6 +14,7 @@ from keras_sam._validation import check_float
 from keras_sam._validation import check_int
 from keras_sam._validation import check_positive_int
 from keras_sam._validation import check_rho
+from keras_sam.optimizers import chain
 from keras_sam.optimum_shift import OptimumShifting  # noqa: F401
 from keras_sam.sharpness.hessian import METHODS
 from keras_sam.sharpness.krylov import WHICH
@@ -168,7 +168,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             return None
-        sgd = sam_optimizers.find_optimizer(optimizer, keras.optimizers.SGD)
+        sgd = chain.find_optimizer(optimizer, keras.optimizers.SGD)
         beta, nesterov = self.momentum, False
         if beta is None:
             if sgd is None:

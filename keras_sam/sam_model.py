@@ -7,13 +7,14 @@ import types
 import keras
 
 from keras_sam import _keras_compat
-from keras_sam import optimizers as sam_optimizers
 from keras_sam import backend
+from keras_sam import optimizers as sam_optimizers
 from keras_sam import step
 from keras_sam._batch_state import BatchState
 from keras_sam._host_programs import HostPrograms
 from keras_sam._validation import check_bool
 from keras_sam._validation import check_rho
+from keras_sam.optimizers.chain import find_optimizer
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -226,9 +227,7 @@ class SAMModel(HostPrograms, BatchState, keras.Model):
                 `keras.Model.compile`.
         """
         optimizer = self._sharpness_aware(optimizer)
-        if sam_optimizers.find_optimizer(
-            optimizer, keras.optimizers.LossScaleOptimizer
-        ):
+        if find_optimizer(optimizer, keras.optimizers.LossScaleOptimizer):
             # The user scales the loss already (e.g. SAM(LossScaleOptimizer
             # (...))): Keras must not wrap the whole chain a second time.
             auto_scale_loss = False

@@ -12,9 +12,10 @@ Adaptive(T):     two passes when ||g_t||^2 >= mu_t + c_t * sigma_t
                  # AE-SAM, Jiang et al. 2023: mu_t, sigma_t^2 EMAs of ||g||^2
 ```
 
-`Every`, `LatePhase` and `Random` are decided on the host: `keras_sam.SAMModel` then
-compiles one program per kind of step and calls the one the schedule
-picks, so a plain step costs what a plain Keras step costs. `Adaptive`
+`Every`, `LatePhase` and `Random` are decided on the host:
+`keras_sam.SAMModel` then compiles one program per kind of step and calls
+the one the schedule picks, so a plain step costs what a plain Keras step
+costs. `Adaptive`
 depends on this step's clean gradient, so it is decided inside the step
 (a conditional after the clean pass). With `steps_per_execution > 1` every
 schedule is decided inside the step; `Random` draws the same decisions

@@ -40,9 +40,9 @@ from keras import ops
 from keras_sam import _keras_compat
 from keras_sam import _step_parts as parts
 from keras_sam import backend
-from keras_sam import optimizers as sam_optimizers
 from keras_sam._oracle import GradientOracle
 from keras_sam._oracle import StepState
+from keras_sam.optimizers.chain import has_loss_scaling
 
 
 def sharpness_aware_step(model, state, data):
@@ -117,12 +117,12 @@ def _settle(model, grad_at, rule, g_use, new, old, sharp):
         both = ops.logical_and(kept, others)
         new = parts.select(both, new, old)
         adv_nonfinite = ops.logical_and(kept, ops.logical_not(others))
-        if sam_optimizers.has_loss_scaling(optimizer):
+        if has_loss_scaling(optimizer):
             g_use = _poison(both, g_use)
         else:
             update = ops.logical_or(others, ops.logical_not(kept))
     _, new = rule.run(new, lambda: sam.count(sharp, adv_nonfinite))
-    if sam_optimizers.has_loss_scaling(optimizer):
+    if has_loss_scaling(optimizer):
         # Every replica skips when one does (Keras' LossScaleOptimizer
         # checks the first replica's gradients only).
         g_use = _poison(backend.all_replicas(parts.all_finite(g_use)), g_use)
@@ -196,7 +196,7 @@ def _stateful_train_step(model, data):
 
 def _stateless_train_step(model, state, data):
     sam = _prepare(model, data)
-    if sam_optimizers.has_loss_scaling(sam.inner_optimizer):
+    if has_loss_scaling(sam.inner_optimizer):
         # Its stateful apply cannot run inside a stateless step.
         raise ValueError(
             "With a stateless step (JAX), wrap the sharpness-aware optimizer "

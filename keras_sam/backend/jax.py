@@ -28,9 +28,8 @@ from keras_sam.backend._one_replica import apply_if  # noqa: F401
 from keras_sam.backend._one_replica import no_grad  # noqa: F401
 from keras_sam.backend._one_replica import random_state  # noqa: F401
 from keras_sam.backend._one_replica import set_random_state  # noqa: F401
-from keras_sam.backend._one_replica import (  # noqa: F401
-    unscale_loss_for_distribution,
-)
+
+unscale_loss_for_distribution = _one_replica.unscale_loss_for_distribution
 
 # The mesh axis of the `per_replica` region being traced, if any.
 _REPLICA_AXES = []

@@ -3,6 +3,7 @@
 import keras
 import torch
 
+from keras_sam.backend import _one_replica
 from keras_sam.backend._one_replica import all_reduce  # noqa: F401
 from keras_sam.backend._one_replica import all_replicas  # noqa: F401
 from keras_sam.backend._one_replica import apply_if  # noqa: F401
@@ -10,9 +11,8 @@ from keras_sam.backend._one_replica import in_parallel  # noqa: F401
 from keras_sam.backend._one_replica import in_replica  # noqa: F401
 from keras_sam.backend._one_replica import per_replica  # noqa: F401
 from keras_sam.backend._one_replica import per_replica_batchnorm  # noqa: F401
-from keras_sam.backend._one_replica import (  # noqa: F401
-    unscale_loss_for_distribution,
-)
+
+unscale_loss_for_distribution = _one_replica.unscale_loss_for_distribution
 
 
 def read(variables):

@@ -31,3 +31,16 @@ from keras_sam.manifolds.registry import get
 from keras_sam.manifolds.registry import serialize
 from keras_sam.manifolds.stiefel import Stiefel
 from keras_sam.manifolds.stiefel import StiefelInitializer
+
+__all__ = [
+    "Euclidean",
+    "Manifold",
+    "Sphere",
+    "ManifoldConstraint",
+    "stiefel_kernel",
+    "deserialize",
+    "get",
+    "serialize",
+    "Stiefel",
+    "StiefelInitializer",
+]

@@ -12,21 +12,36 @@ import keras
 
 from keras_sam.optimizers.asam import ASAM
 from keras_sam.optimizers.base import SharpnessAware
-from keras_sam.optimizers.chain import find_optimizer
-from keras_sam.optimizers.chain import has_loss_scaling
-from keras_sam.optimizers.chain import scale_gradients
-from keras_sam.optimizers.chain import unscale_gradients
 from keras_sam.optimizers.friendly import FriendlySAM
 from keras_sam.optimizers.gsam import GSAM
 from keras_sam.optimizers.looksam import LookSAM
 from keras_sam.optimizers.msam import MomentumSAM
 from keras_sam.optimizers.rsam import RSAM
 from keras_sam.optimizers.sam import SAM
-from keras_sam.optimizers.sampa import SAMPa
 from keras_sam.optimizers.sam import find_sam
-from keras_sam.optimizers.sam import get_inner
 from keras_sam.optimizers.sam import is_weight_like
+from keras_sam.optimizers.sampa import SAMPa
 from keras_sam.optimizers.wsam import WSAM
+
+__all__ = [
+    "ASAM",
+    "SharpnessAware",
+    "FriendlySAM",
+    "GSAM",
+    "LookSAM",
+    "MomentumSAM",
+    "RSAM",
+    "SAM",
+    "SAMPa",
+    "find_sam",
+    "is_weight_like",
+    "WSAM",
+    "get",
+    "serialize",
+    "deserialize",
+    "register",
+]
+
 
 _REGISTRY = {
     "sam": SAM,

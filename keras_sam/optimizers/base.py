@@ -15,14 +15,16 @@ class Rule(SharpnessAware):
 
 The contract, in full:
 
-| member | what it is |
-| --- | --- |
-| `gradient(grad_at, w)` | the rule: the true gradient to apply |
-| `cheap_gradient(grad_at, w)` | the gradient on a step the schedule leaves plain (default `grad_at(w)`) |
-| `should_perturb(grad_sq)` | a schedule's decision inside the step, from `||g||^2` |
-| `count(two_pass, adv_nonfinite)` | the step's bookkeeping: steps, two-pass steps, skipped passes |
-| `log_values()` | the scalars for `logs` |
-| `host_schedule(steps_per_execution)` | whether `SAMModel` picks each step's program on the host |
+- `gradient(grad_at, w)`: the rule, the true gradient to apply;
+- `cheap_gradient(grad_at, w)`: the gradient on a step the schedule leaves
+  plain (default `grad_at(w)`);
+- `should_perturb(grad_sq)`: a schedule's decision inside the step, from
+  `||g||^2` of the clean gradient;
+- `count(two_pass, adv_nonfinite)`: the step's bookkeeping (steps, two-pass
+  steps, steps whose other passes were non-finite);
+- `log_values()`: the scalars for `logs`;
+- `host_schedule(steps_per_execution)`: whether `SAMModel` picks each
+  step's program on the host.
 
 `grad_at` is `keras_sam._oracle.GradientOracle`: `grad_at(point)`,
 `grad_at.pair(a, b, first_batch)` (two independent points, at once where

@@ -59,7 +59,7 @@ class FriendlySAM(SAM):
         sigma=1.0,
         lmbda=0.9,
         name=None,
-        **kwargs
+        **kwargs,
     ):
         sigma = check_float("sigma", sigma, low=0.0)
         lmbda = check_float("lmbda", lmbda, low=0.0, high=1.0)

@@ -15,6 +15,7 @@ accumulation work as they do without SAM.
 
 import keras
 
+from keras_sam import schedules as sam_schedules
 from keras_sam._validation import check_bool
 from keras_sam._validation import check_positive_int
 from keras_sam.optimizers.base import SharpnessAware
@@ -23,7 +24,6 @@ from keras_sam.optimizers.chain import find_optimizer
 from keras_sam.optimizers.geometry import Geometry
 from keras_sam.optimizers.geometry import is_weight_like  # noqa: F401
 from keras_sam.radius import LearnedRadius
-from keras_sam import schedules as sam_schedules
 
 
 def _check_splits(sync_perturbation, num_batch_splits):

@@ -38,7 +38,9 @@ class SAMPa(SAM):
     kept on the device as optimizer state (saved with it, so a `.keras`
     resume continues exactly); the first step, and a step whose batch has
     another shape than the first one (a partial last batch), take the
-    adversarial gradient on their own batch, and the step after it too. The loss, metrics and
+    adversarial gradient on their own batch, and the step after it too.
+    The kept batch follows each `fit`'s batch size (a warm-up `fit` of
+    another size does not turn the rule off). The loss, metrics and
     BatchNorm statistics come from the pass at `y_t+1`, on B. On the first
     step `g_y = 0`, so `w_adv = w`.
 

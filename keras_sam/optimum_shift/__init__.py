@@ -18,3 +18,11 @@ from keras_sam.optimum_shift.report import LayerShift
 from keras_sam.optimum_shift.report import ShiftReport
 from keras_sam.optimum_shift.report import ShiftToleranceError
 from keras_sam.optimum_shift.transform import optimum_shift
+
+__all__ = [
+    "OptimumShifting",
+    "LayerShift",
+    "ShiftReport",
+    "ShiftToleranceError",
+    "optimum_shift",
+]

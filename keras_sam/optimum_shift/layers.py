@@ -175,9 +175,11 @@ def ordered_layers(model, x):
         for hook in hooks:
             hook.__exit__()
     called = sorted(
-        (l for l in leaves if id(l) in order), key=lambda l: order[id(l)]
+        (leaf for leaf in leaves if id(leaf) in order),
+        key=lambda leaf: order[id(leaf)],
     )
-    return called + [l for l in leaves if id(l) not in order], set(order)
+    rest = [leaf for leaf in leaves if id(leaf) not in order]
+    return called + rest, set(order)
 
 
 def forward(model, x):
@@ -197,13 +199,13 @@ def _select(candidates, called, layers):
         # The paper's choice: the last linear layer the forward pass calls
         # (the one producing the logits in a classifier).
         linear = [
-            l
-            for l in candidates
-            if id(l) in called
-            and isinstance(l, (keras.layers.Dense,) + _CONV_TYPES)
+            layer
+            for layer in candidates
+            if id(layer) in called
+            and isinstance(layer, (keras.layers.Dense,) + _CONV_TYPES)
         ]
         return linear[-1:]
-    if isinstance(layers, str) and layers not in {l.name for l in candidates}:
+    if isinstance(layers, str) and layers not in {c.name for c in candidates}:
         raise ValueError(
             f"`layers` must be 'last', 'all', a layer name or a list of "
             f"names or layers. Received: layers={layers!r}"
@@ -215,11 +217,11 @@ def _select(candidates, called, layers):
             "`layers` must be 'last', 'all', a layer name or a list of "
             f"names or layers. Received: layers={layers!r}"
         )
-    by_name = {l.name: l for l in candidates}
+    by_name = {c.name: c for c in candidates}
     chosen = set()
     for item in layers:
         if isinstance(item, keras.layers.Layer):
-            if id(item) not in {id(l) for l in candidates}:
+            if id(item) not in {id(c) for c in candidates}:
                 raise ValueError(
                     f"Layer {item.name!r} in `layers` is not part of the "
                     f"model. Received: layers={layers!r}"
@@ -232,7 +234,7 @@ def _select(candidates, called, layers):
                 f"No layer named {item!r} in the model. Layers with "
                 f"weights: {sorted(by_name)}. Received: layers={layers!r}"
             )
-    return [l for l in candidates if id(l) in chosen]
+    return [c for c in candidates if id(c) in chosen]
 
 
 def plan_layers(candidates, called, layers, max_dim):

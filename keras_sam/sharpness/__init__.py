@@ -35,3 +35,14 @@ from keras_sam.sharpness.estimators import top_eigenvalue
 from keras_sam.sharpness.hessian import Hessian
 from keras_sam.sharpness.stability import critical_learning_rate
 from keras_sam.sharpness.stability import full_batch_gradient_descent
+
+__all__ = [
+    "hessian_trace",
+    "hessian_vector_product",
+    "parameter_norms",
+    "sam_sharpness",
+    "top_eigenvalue",
+    "Hessian",
+    "critical_learning_rate",
+    "full_batch_gradient_descent",
+]

@@ -26,3 +26,16 @@ from keras_sam.tuning.space import baseline_trial
 from keras_sam.tuning.space import get_rho
 from keras_sam.tuning.space import is_baseline
 from keras_sam.tuning.space import rho_name
+
+__all__ = [
+    "SAMHyperModel",
+    "search_rho",
+    "DEFAULT_RHO_RANGES",
+    "LETS",
+    "RHO",
+    "VARIANT",
+    "baseline_trial",
+    "get_rho",
+    "is_baseline",
+    "rho_name",
+]

@@ -8,6 +8,7 @@ import keras
 import keras_tuner
 
 from keras_sam import optimizers as sam_optimizers
+from keras_sam.optimizers.base import get_inner
 from keras_sam.radius import LearnedRadius
 from keras_sam.sam_model import SAMModel
 from keras_sam.tuning.space import DEFAULT_RHO
@@ -243,7 +244,7 @@ class SAMHyperModel(keras_tuner.HyperModel):
             )
         if optimizer is not None:
             # Fail now rather than inside a trial.
-            sam_optimizers.get_inner(_clone_optimizer(optimizer))
+            get_inner(_clone_optimizer(optimizer))
         self.optimizer = optimizer
         self.loss = loss
         self.metrics = metrics
