@@ -163,7 +163,9 @@ def test_reference_noise_scale():
     expected = 0.05 * np.linalg.norm(merged, axis=0) / np.sqrt(64)
     np.testing.assert_allclose(draws.std(axis=(0, 1)), expected, rtol=0.03)
     # the variance added to an output does not grow with the input width
-    assert ref.noise_std(np.ones((4, 1)), 1.0) == ref.noise_std(np.ones((400, 1)), 1.0)
+    assert ref.noise_std(np.ones((4, 1)), 1.0) == ref.noise_std(
+        np.ones((400, 1)), 1.0
+    )
     # EinsumDense: kernel (in, heads, head_dim), input axis 0
     k = rng.normal(size=(8, 2, 4))
     np.testing.assert_allclose(
@@ -268,7 +270,9 @@ def test_sigma_zero_equals_inner_optimizer(mode):
     x = rng.normal(size=(64, N)).astype("float32")
     y = rng.normal(size=(64, M)).astype("float32")
     plain = lora_dense()
-    plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **MODES[mode])
+    plain.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss="mse", **MODES[mode]
+    )
     base = lora_dense()
     flat = keras_sam.SAMModel(base)
     flat.compile(
@@ -295,7 +299,9 @@ class CountCalls(keras.layers.Layer):
 
 
 def counting_model():
-    model = keras.Sequential([keras.Input((N,)), CountCalls(), keras.layers.Dense(M)])
+    model = keras.Sequential(
+        [keras.Input((N,)), CountCalls(), keras.layers.Dense(M)]
+    )
     model.layers[-1].enable_lora(4)
     return model
 
