@@ -101,7 +101,9 @@ def lora_dense_grads(x, y, kernel, bias, lora_a, lora_b, scale, eps):
     return float(np.mean((pred - y) ** 2)), grads
 
 
-def flat_lora_sgd(x, y, kernel, bias, lora_a, lora_b, scale, sigma, zs, lr, batch_size):
+def flat_lora_sgd(
+    x, y, kernel, bias, lora_a, lora_b, scale, sigma, zs, lr, batch_size
+):
     """Flat-LoRA with plain SGD(lr) on one LoRA Dense, one step per batch.
 
     `zs[t]`: the standard normal draw of step t (kernel-shaped); `sigma` a
@@ -126,7 +128,9 @@ def flat_lora_sgd(x, y, kernel, bias, lora_a, lora_b, scale, sigma, zs, lr, batc
     return (bias, a, b), epss
 
 
-def recover_perturbation(x_eye, y, kernel, bias, lora_a, lora_b, scale, b_new, lr):
+def recover_perturbation(
+    x_eye, y, kernel, bias, lora_a, lora_b, scale, b_new, lr
+):
     """The `eps` an SGD(lr) step must have used, from the step's B update.
 
     With the batch `x = I_n` and a square, invertible `A` (rank r = n),
