@@ -103,7 +103,8 @@ def grad(model, state, batch, training=True, scale=None):
 
 
 class GradientOracle:
-    """`grad_at(point)`: the true gradient of the step's loss at `point`.
+    """`grad_at(point)`: the true gradient of the step's loss at `point`,
+    this replica's own (what it adds to the update).
 
     Args:
         model: the `SAMModel`.
@@ -129,7 +130,7 @@ class GradientOracle:
         self.others_finite = []
         self._last = None  # per sub-batch: (point, gradient) of the last call
         self._scaled = {}  # id(true gradient) -> (it, the scaled one)
-        self._clean = self._clean_last = self._own = None
+        self._clean = self._clean_last = self._clean_shared = None
 
     # ---- the oracle ----
 
@@ -142,25 +143,21 @@ class GradientOracle:
         first = self.kept is None
         passes = self._run(points)
         own = [self._unscaled(p.grads) for p in passes.parts]
+        g = parts.combine(own, self.fractions)
         if first:
-            seen = [self.shared(g) for g in own]
-            g = parts.combine(seen, self.fractions)
-            self.kept, self.kept_finite = passes, parts.all_finite(g)
-            self._own = own
+            # The clean gradient as every replica sees it: what points and
+            # statistics are computed from, and whose finiteness counts.
+            seen = [self.shared(g_j) for g_j in own] if self.sync else own
+            shared = parts.combine(seen, self.fractions) if self.sync else g
+            self.kept, self.kept_finite = passes, parts.all_finite(shared)
             self._last = [(p, g_j, True) for p, g_j in zip(points, seen)]
             if points[0] is w:
                 self._clean, self._clean_last = g, self._last
+                self._clean_shared = shared
         else:
-            g = parts.combine(own, self.fractions)
             self.others_finite.append(parts.all_finite(g))
             self._last = [(p, g_j, False) for p, g_j in zip(points, own)]
         return g
-
-    def clean_own(self):
-        """This replica's own clean gradient (not the replicas' mean)."""
-        if not self.sync:
-            return self._clean
-        return parts.combine(self._own, self.fractions)
 
     def pair(self, first, second, first_batch=None):
         """`(grad_at(first), grad_at(second))` for two independent points,
@@ -226,8 +223,12 @@ class GradientOracle:
         return ops.cond(due, at_w, zeros)
 
     def shared(self, g):
-        """`g` as a perturbation sees it: the replicas' mean when the
-        perturbation is synchronized."""
+        """`g` as every replica sees it: the replicas' mean when the
+        perturbation is synchronized (`grad_at` answers with this
+        replica's own gradient, what it adds to the update). Perturbations
+        and the rule's statistics come from the shared one."""
+        if g is self._clean:
+            return self._clean_shared
         return self.replica_mean(g) if self.sync else g
 
     def replica_mean(self, g):

@@ -72,8 +72,7 @@ def sharpness_aware_step(model, state, data):
         g_use, opt, update = step(kind == "two", state.optimizer)
     else:  # decided here from the clean pass, whose statistics the
         # schedule absorbs only when it is finite
-        grad_at(w)
-        g_sq = parts.squared_norm(grad_at.clean_own())
+        g_sq = parts.squared_norm(grad_at(w))
         sharp, opt = rule.run(
             state.optimizer,
             lambda: sam.should_perturb(backend.all_reduce([g_sq])[0]),
@@ -112,7 +111,9 @@ def _settle(model, grad_at, rule, g_use, new, old, sharp):
     sam, optimizer = model.sam_optimizer, model.optimizer
     g_use = grad_at.scaled(g_use)
     update, adv_nonfinite = True, None
-    if grad_at.others_finite:
+    if not grad_at.others_finite:  # one pass: its statistics if finite
+        new = parts.select(grad_at.kept_finite, new, old)
+    else:
         kept, others = grad_at.kept_finite, grad_at.others_are_finite()
         both = ops.logical_and(kept, others)
         new = parts.select(both, new, old)

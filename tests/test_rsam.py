@@ -209,7 +209,7 @@ def test_eps_has_norm_rho_in_the_metric_and_is_tangent(metric):
         grads = [rng.normal(size=p.shape) for p in params]
         # The rule's step after the clean pass (the radius is fixed here).
         optimizer._after_clean(
-            types.SimpleNamespace(variables=variables),
+            types.SimpleNamespace(variables=variables, shared=lambda g: g),
             [ops.convert_to_tensor(g, "float32") for g in grads],
         )
         fisher = reference.fisher_update(fisher, grads, 0.8)

@@ -80,7 +80,7 @@ class FriendlySAM(SAM):
         """SAM's gradient, ascending along g - sigma * m."""
         if not self.built:
             self.build(list(grad_at.variables))
-        for m, g_i in zip(self._m, grad_at(w)):
+        for m, g_i in zip(self._m, grad_at.shared(grad_at(w))):
             if g_i is not None:  # m = lmbda m + (1 - lmbda) g
                 m.assign(
                     ops.add(

@@ -119,13 +119,17 @@ class GSAM(SAM):
                     f"lr_max={self.lr_max}, lr_min={self.lr_min}"
                 )
 
-    def gradient(self, grad_at, w):
-        """g_adv - alpha * g_perp, rho following the learning rate."""
+    def _after_clean(self, grad_at, g):
+        """rho follows the learning rate, on every step."""
+        super()._after_clean(grad_at, g)
         if self.rho_min is not None:
             lr = ops.cast(self.learning_rate, "float32")
             fraction = (lr - self.lr_min) / (self.lr_max - self.lr_min)
             rho = self.rho_min + (self.initial_rho - self.rho_min) * fraction
             self.rho.assign(ops.clip(rho, self.rho_min, self.initial_rho))
+
+    def gradient(self, grad_at, w):
+        """g_adv - alpha * g_perp."""
         g_adv = super().gradient(grad_at, w)
         if self.alpha == 0.0:
             return g_adv  # SAM, bit for bit

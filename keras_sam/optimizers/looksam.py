@@ -89,7 +89,7 @@ class LookSAM(SAM):
     def gradient(self, grad_at, w):
         """SAM's gradient g_s; stores g_v, its part orthogonal to g."""
         g_s = super().gradient(grad_at, w)
-        g = grad_at(w)
+        g = grad_at.shared(grad_at(w))
         # g_v = g_s - (<g, g_s> / ||g||^2) g
         coefficient = ops.divide(
             dot(g, g_s), ops.add(squared_norm(g), _NORM_EPSILON)
@@ -106,7 +106,7 @@ class LookSAM(SAM):
 
     def cheap_gradient(self, grad_at, w):
         """g + alpha * (||g|| / ||g_v||) * g_v, from one pass."""
-        g = grad_at(w)
+        g = super().cheap_gradient(grad_at, w)
         g_v = [None if g_i is None else v for g_i, v in zip(g, self._g_v)]
         # Zero before the first SAM step (g_v = 0).
         scale = ops.divide(

@@ -234,7 +234,7 @@ class RSAM(SAM):
         if self.metric != "fisher":
             return
         decay = self.fisher_decay
-        for g_i, v in zip(g, grad_at.variables):
+        for g_i, v in zip(grad_at.shared(g), grad_at.variables):
             if g_i is None:
                 continue
             f = self._fisher[variable_index(self, v)]

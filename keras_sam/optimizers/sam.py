@@ -200,15 +200,22 @@ class SAM(Geometry, SharpnessAware):
                 )
             )
         g_adv = self.pull_back(g_adv, variables, w)  # back at w
-        self._after_adversarial(g, g_adv)
+        self._after_adversarial(grad_at.shared(g), g_adv)
         return g_adv
+
+    def cheap_gradient(self, grad_at, w):
+        """g: a plain step (the radius still learns from its clean pass)."""
+        g = grad_at(w)
+        self._after_clean(grad_at, g)
+        return g
 
     def _ascent_direction(self, g):
         """The gradient the ascent follows (FriendlySAM changes it)."""
         return g
 
     def _after_clean(self, grad_at, g):
-        """After the clean pass: the learned radius's step."""
+        """After the clean pass, on every step: the learned radius's step
+        (from the replicas' shared gradient)."""
         radius = self.radius
         if radius is None:
             return
@@ -217,7 +224,7 @@ class SAM(Geometry, SharpnessAware):
             radius.validation_mode == "training",
             radius.auxiliary_due(self),
         )
-        radius.on_clean_pass(self, grad_at.loss, g, validation)
+        radius.on_clean_pass(self, grad_at.loss, grad_at.shared(g), validation)
 
     def _after_adversarial(self, g, g_adv):
         """After the adversarial pass (unscaled, pulled back to w)."""
