@@ -4,17 +4,12 @@ as the inner optimizer. Written from the papers' equations."""
 
 import numpy as np
 
-from tests.reference import EPS
+from tests.reference import sam_eps
 from tests.reference import sgd_step
 
 
-def _norm(vectors):
-    return np.sqrt(sum(np.sum(v * v) for v in vectors))
-
-
 def _ascend(params, direction, radius):
-    norm = _norm(direction)
-    return [p + radius * d / (norm + EPS) for p, d in zip(params, direction)]
+    return [p + e for p, e in zip(params, sam_eps(direction, radius))]
 
 
 def train(

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_sam._keras_compat import adam_first_moments
 from keras_sam._keras_compat import variable_index
+from keras_sam.optimizers.base import SharpnessAware
 from keras_sam.optimizers.chain import describe
 from keras_sam.optimizers.sam import SAM
 
@@ -141,10 +142,5 @@ class MomentumSAM(SAM):
         ]
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(
-                self.inner_optimizer
-            ),
-            "rho": self.initial_rho,
-        }
+        # Only what its constructor takes: the wrapper's own config.
+        return SharpnessAware.get_config(self)
