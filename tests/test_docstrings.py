@@ -9,10 +9,11 @@ their own data, so the runner is lenient where that is intended:
 
 - an example with no expected output passes whatever it prints or returns;
   one with output lines is checked (ellipsis and whitespace normalized);
-- names an example uses without defining (`x_train`, `build_model`,
-  `inner`, ...) are placeholders for the reader's own objects: an example
-  whose first failure is such a `NameError` is reported as skipped, with
-  the name, not as failed. Any other exception fails the test.
+- the reader's own objects an example uses without defining (`x`, `y`,
+  `x_val`, `model`, `build_model`, ...) are given, small (`_readers_objects`);
+  an example that needs one not given (a finished `tuner`) is reported as
+  skipped, with the name, not as failed. Any other exception fails the
+  test.
 """
 
 import doctest
@@ -101,9 +102,47 @@ def _examples():
     return cases
 
 
+def _readers_objects():
+    """What the examples take as the reader's own: small data of 64
+    features and 10 classes, a compiled model and a model builder."""
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        return (
+            rng.normal(size=(n, 64)).astype("float32"),
+            rng.integers(0, 10, size=(n,)),
+        )
+
+    def build_model():
+        return keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
+
+    model = build_model()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    objects = {"build_model": build_model, "base": build_model()}
+    objects["model"] = model
+    for name in ("", "_train", "_val", "_probe"):
+        objects["x" + name], objects["y" + name] = data(64 if name else 128)
+    objects["w"] = np.ones((3, 2), "float32")
+    objects["u"] = np.full((3, 2), 0.5, "float32")
+    try:
+        import keras_tuner
+
+        objects["keras_tuner"] = keras_tuner
+    except ImportError:
+        pass
+    return objects
+
+
 @pytest.mark.parametrize("test", _examples())
 def test_docstring_example_runs(test, monkeypatch):
     globs = {"keras": keras, "keras_sam": keras_sam, "np": np}
+    globs.update(_readers_objects())
     test.globs = globs
     runner = _Runner(
         checker=_LenientChecker(),

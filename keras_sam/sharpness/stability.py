@@ -211,7 +211,8 @@ def critical_learning_rate(
     Example:
 
     >>> keras_sam.sharpness.critical_learning_rate(
-    ...     build_model(), (x, y), learning_rate=0.01, loss="mse")
+    ...     build_model(), (x, y), learning_rate=0.01,
+    ...     loss="sparse_categorical_crossentropy")
 
     References:
         - Fojtik, Matveev, Chou, Kutyniok, Maly, Conflicting Biases at the

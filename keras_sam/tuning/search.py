@@ -98,7 +98,8 @@ def search_rho(
     ...     optimizer=keras.optimizers.SGD(0.1),
     ...     loss="sparse_categorical_crossentropy", metrics=["accuracy"],
     ...     directory="tuning")
-    >>> best_rho = tuner.get_best_hyperparameters()[0]["rho"]
+    >>> best = tuner.get_best_hyperparameters()[0]
+    >>> best_rho = keras_sam.tuning.get_rho(best)  # rho of its variant
 
     References:
         - Foret et al., Sharpness-Aware Minimization for Efficiently Improving

@@ -55,7 +55,7 @@ def get_rho(hyperparameters):
 
     Example:
 
-    >>> best = tuner.get_best_hyperparameters()[0]
+    >>> best = {"variant": "sam", "rho_sam": 0.083}  # a trial's values
     >>> keras_sam.tuning.get_rho(best), best["variant"]
     (0.083, 'sam')
     """
