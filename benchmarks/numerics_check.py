@@ -206,6 +206,12 @@ CASES = {
 # (case or "*", mode) -> why the old code does not run it.
 SKIPS = {
     ("*", "jit"): {"torch": "torch.compile is not a supported mode on CPU"},
+    ("sam_steps_per_execution2", "eager"): {
+        "torch": "Keras requires steps_per_execution=1 on torch"
+    },
+    ("sam_steps_per_execution2", "compiled"): {
+        "torch": "Keras requires steps_per_execution=1 on torch"
+    },
 }
 
 
