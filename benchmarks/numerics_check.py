@@ -313,8 +313,10 @@ def _max_diff(old, new):
         b = np.asarray(b)
         if a.shape != b.shape:
             return float("inf"), False
-        exact = exact and a.dtype == b.dtype and np.array_equal(
-            a, b, equal_nan=a.dtype.kind == "f"
+        exact = (
+            exact
+            and a.dtype == b.dtype
+            and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
         )
         if a.size:
             d = np.abs(a.astype("float64") - b.astype("float64"))
