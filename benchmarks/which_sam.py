@@ -308,13 +308,21 @@ def parse_args(argv=None):
     return args
 
 
+def _devices():
+    """The devices Keras sees (the torch backend has no distribution API)."""
+    try:
+        return str(keras.distribution.list_devices())
+    except AttributeError:
+        return keras.backend.backend()
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "backend": keras.backend.backend(),
-        "devices": str(keras.distribution.list_devices()),
+        "devices": _devices(),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
     if args.looksam_ablation:
