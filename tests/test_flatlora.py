@@ -336,7 +336,10 @@ def test_one_pass_per_step():
 @needs_flatlora
 def test_same_seed_same_trajectory():
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(64, N)).astype("float32")
+    # inputs of scale 0.1: at unit scale, SGD(LR) on the probe's factors
+    # (columns of B up to norm 10) diverges to NaN in the first epoch, with
+    # or without noise, and NaN weights compare equal for any seed
+    x = 0.1 * rng.normal(size=(64, N)).astype("float32")
     y = rng.normal(size=(64, M)).astype("float32")
 
     def run(seed):
@@ -361,7 +364,10 @@ def test_keras_round_trip_and_resume_draws_the_same_noise():
     step, and what must agree is the draw z.
     """
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(32, N)).astype("float32")
+    # inputs of scale 0.1, as above: at unit scale two SGD(LR) steps blow
+    # the predictions up to ~1e4, where the merged kernel's round-off on
+    # save exceeds the absolute tolerance of the comparison below
+    x = 0.1 * rng.normal(size=(32, N)).astype("float32")
     y = rng.normal(size=(32, M)).astype("float32")
     xp, yp = probe_data()
 
