@@ -49,6 +49,13 @@ def adam_first_moments(optimizer):
 # ---- models and trainers ----
 
 
+def all_layers(model):
+    """Every layer inside `model` at any depth, including those a layer
+    holds as attributes (keras-hub's attention projections):
+    `Layer._flatten_layers`."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
 def symbolic_build(model, data_batch):
     """Keras' own symbolic build of a model, its compiled loss and metrics
     and its optimizer from a batch (a no-op once they exist):

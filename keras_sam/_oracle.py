@@ -13,8 +13,9 @@ g_adv = grad_at(ascend)             # ascend(point_j, g_j) -> w_adv_j, for
 `grad_at` owns what the paper leaves out:
 
 - passes on values: the model runs in a `keras.StatelessScope` over a
-  `StepState`, so a perturbed point is handed to the forward pass, never
-  assigned;
+  `StepState`, so a perturbed point (of the trainable variables, and of
+  non-trainable ones where a rule gives them) is handed to the forward
+  pass, never assigned;
 - the kept pass: the first call's loss, predictions, metrics and model
   state (BatchNorm statistics) are the step's; every later call starts
   from the model state and random state the first one started from (the
@@ -116,12 +117,18 @@ class GradientOracle:
     A point is a list of values, one per trainable variable (`None` keeps
     the variable at w), or a callable `ascend(point_j, g_j)` applied per
     sub-batch j to where that sub-batch's last pass was and its gradient
-    there.
+    there. `grad_at(point, non_trainable)` also runs the pass with other
+    values of non-trainable variables (a list, one per
+    `non_trainable_variables`, `None` keeps the state's value): a frozen
+    kernel plus noise (Flat-LoRA). They are inputs of that pass only:
+    those variables keep the values the step started from, and the
+    pass's changes to the others (BatchNorm statistics) are kept as usual.
     """
 
     def __init__(self, model, state, batch, num_splits=1, sync=False):
         self.model, self.state, self.batch = model, state, batch
         self.variables = model.trainable_variables
+        self.non_trainable_variables = model.non_trainable_variables
         self.sync = sync
         self.splits = parts.split_batch(batch, num_splits)
         self.fractions = [fraction for _, fraction in self.splits]
@@ -134,14 +141,15 @@ class GradientOracle:
 
     # ---- the oracle ----
 
-    def __call__(self, point):
+    def __call__(self, point, non_trainable=None):
         w = self.state.trainable
-        if point is w and self._clean is not None:
+        clean = point is w and non_trainable is None
+        if clean and self._clean is not None:
             self._last = self._clean_last  # the pass at w has run already
             return self._clean
         points = [self._point(point, j) for j in range(len(self.splits))]
         first = self.kept is None
-        passes = self._run(points)
+        passes = self._run(points, non_trainable)
         own = [self._unscaled(p.grads) for p in passes.parts]
         g = parts.combine(own, self.fractions)
         if first:
@@ -151,7 +159,7 @@ class GradientOracle:
             shared = parts.combine(seen, self.fractions) if self.sync else g
             self.kept, self.kept_finite = passes, parts.all_finite(shared)
             self._last = [(p, g_j, True) for p, g_j in zip(points, seen)]
-            if points[0] is w:
+            if clean:
                 self._clean, self._clean_last = g, self._last
                 self._clean_shared = shared
         else:
@@ -280,11 +288,14 @@ class GradientOracle:
         moved = point(last, g)
         return [m if m is not None else w for m, w in zip(moved, last)]
 
-    def _run(self, points):
-        """Passes at `points[j]` on each sub-batch j. The first call keeps
-        its state changes (sub-batch j starts from the state j-1 left) and
-        records the state and random state before each sub-batch; a later
-        call replays them and drops its changes."""
+    def _run(self, points, given=None):
+        """Passes at `points[j]` on each sub-batch j, with the non-trainable
+        values `given` (`None` entries: the state's). The first call keeps
+        its state changes (sub-batch j starts from the state j-1 left),
+        except to the variables `given`, and records the state and random
+        state before each sub-batch; a later call replays them and drops
+        its changes."""
+        given = given or [None] * len(self.state.non_trainable)
         passes = _Passes(self.splits)
         replay = self.kept
         state = self.state
@@ -298,14 +309,22 @@ class GradientOracle:
             aux, grads = grad(
                 self.model,
                 state.replace(
-                    trainable=w_j, non_trainable=non_trainable, metrics=metrics
+                    trainable=w_j,
+                    non_trainable=parts.unchanged_from(given, non_trainable),
+                    metrics=metrics,
                 ),
                 batch,
             )
             loss, y_pred, new_non_trainable, new_metrics = aux
             passes.parts.append(_Pass(loss, y_pred, grads))
-            if replay is None:
-                non_trainable, metrics = new_non_trainable, new_metrics
+            if replay is None:  # a given value is never the new state
+                non_trainable = [
+                    old if value is not None else new
+                    for new, old, value in zip(
+                        new_non_trainable, non_trainable, given
+                    )
+                ]
+                metrics = new_metrics
         if replay is None:
             passes.after = backend.random_state()
         else:

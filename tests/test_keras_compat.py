@@ -59,6 +59,24 @@ def _compiled_model():
     return model
 
 
+def test_all_layers_finds_layers_held_as_attributes():
+    class Holder(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.inner = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.inner(x)
+
+    holder = Holder()
+    inner_model = keras.Sequential([keras.Input((3,)), holder])
+    model = keras.Sequential([keras.Input((3,)), inner_model])
+    layers = compat.all_layers(model)
+    assert any(layer is holder.inner for layer in layers)
+    assert any(layer is holder for layer in layers)
+    assert not any(layer is model for layer in layers)
+
+
 def test_symbolic_build_builds_the_optimizer():
     model = _compiled_model()
     assert not model.optimizer.built

@@ -4,14 +4,15 @@ Each is a gradient rule on the one step (`keras_sam.optimizers.base` holds
 the contract): given a gradient oracle, it answers with the gradient to
 apply. `SAM`, `ASAM` and `RSAM` share the rule and differ only in its
 geometry (`keras_sam.optimizers.geometry`: metric, projection,
-retraction); `LookSAM`, `GSAM`, `MomentumSAM`, `SAMPa`, `WSAM` and
-`FriendlySAM` are small rules of their own.
+retraction); `LookSAM`, `GSAM`, `MomentumSAM`, `SAMPa`, `WSAM`,
+`FriendlySAM` and `FlatLoRA` are small rules of their own.
 """
 
 import keras
 
 from keras_sam.optimizers.asam import ASAM
 from keras_sam.optimizers.base import SharpnessAware
+from keras_sam.optimizers.flatlora import FlatLoRA
 from keras_sam.optimizers.friendly import FriendlySAM
 from keras_sam.optimizers.gsam import GSAM
 from keras_sam.optimizers.looksam import LookSAM
@@ -26,6 +27,7 @@ from keras_sam.optimizers.wsam import WSAM
 __all__ = [
     "ASAM",
     "SharpnessAware",
+    "FlatLoRA",
     "FriendlySAM",
     "GSAM",
     "LookSAM",
@@ -55,6 +57,7 @@ _REGISTRY = {
     "wsam": WSAM,
     "friendlysam": FriendlySAM,
     "fsam": FriendlySAM,
+    "flatlora": FlatLoRA,
 }
 
 

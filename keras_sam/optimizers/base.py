@@ -27,9 +27,13 @@ The contract, in full:
   step's program on the host.
 
 `grad_at` is `keras_sam._oracle.GradientOracle`: `grad_at(point)`,
+`grad_at(point, non_trainable)` (that pass also at other values of
+non-trainable variables, e.g. a frozen kernel plus noise; never committed),
 `grad_at.pair(a, b, first_batch)` (two independent points, at once where
 devices allow), `grad_at.elsewhere(batches, training, due)` (gradients on
-other data at w), `grad_at.loss`, `grad_at.variables`, `grad_at.batch`.
+other data at w), `grad_at.loss`, `grad_at.variables`,
+`grad_at.non_trainable_variables`, `grad_at.state` (the values the step
+starts from), `grad_at.batch`.
 The rule runs on the optimizer's values: what it `assign`s to its own
 variables is its new state, committed with the step (and dropped when a
 pass was not finite). Geometry (`keras_sam.optimizers.geometry`) and the
