@@ -13,17 +13,24 @@ For each task (`digits`, `mnist1d_cnn`, `mnist1d_mlp`; see
    seeds (same initial weights, splits and noise);
 3. is costed: forward/backward passes per step (from `logs["sam_fraction"]`
    where a schedule skips steps) and the median time per epoch inside `fit`
-   (epoch 1, which compiles, excluded).
+   in a separate timing stage at the end: each method at its pick, one run
+   at a time on the machine, `--timing-epochs` epochs (the first two, which
+   compile, excluded), plain in the same stage.
 
-Every run is stored in the JSON as it finishes; a rerun with the same
-`--out` skips finished runs (resumable, incremental). Writes
+`--workers N` runs N runs at a time, each in its own (spawned) process:
+the chains of different methods, tasks and noise rates, and the seeds, are
+independent; a method's tuning stages wait for each other. Every run is a
+function of its arguments alone, so the results are those of one process
+(autotuning of GPU kernels is off for that). Every run is stored in the
+JSON as it finishes; a rerun with the same `--out` skips finished runs
+(resumable, incremental). Writes
 `which_sam.json`, `which_sam.md` and `which_sam_<task>.png` (accuracy
 against passes per step, one point per method with its interval).
 
     python benchmarks/which_sam.py --smoke                   # < 1 min, CPU
     python benchmarks/which_sam.py --baseline                # MNIST-1D, paper
-    KERAS_BACKEND=jax python benchmarks/which_sam.py \\
-        --out benchmarks/results/which_sam
+    KERAS_BACKEND=jax python benchmarks/which_sam.py --workers 14 \\
+        --out benchmarks/results/which_sam                  # one GPU
     python benchmarks/which_sam.py --looksam-ablation --seeds 2
 """
 
@@ -35,13 +42,25 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Worker processes (`--workers`) share the GPU: no preallocation; and no
+# autotuning, whose kernel choice depends on the load and so would make a
+# run's numbers depend on what ran beside it (inherited by the workers).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
+    ).strip()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import which_sam_pool as pool  # noqa: E402
 import which_sam_report as report  # noqa: E402
+import which_sam_studies as studies  # noqa: E402
+from which_sam_pool import run_args  # noqa: E402
+from which_sam_setup import ALL_METHODS  # noqa: E402
 from which_sam_setup import METHODS  # noqa: E402
 from which_sam_setup import TASKS  # noqa: E402
 from which_sam_setup import available  # noqa: E402
@@ -62,14 +81,15 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def train(task, method, rho, knob, noise, seed, epochs, lr=None):
-    """One run: validation and test accuracy, passes and time per epoch."""
+def fit(task, method, rho, knob, noise, seed, epochs, lr=None):
+    """Builds and trains one model; `(model, history, seconds per epoch,
+    validation split, test split)`."""
     net_fn, inner_fn, batch_size, _ = TASKS[task]
-    train_split, val, (x_test, y_test) = splits(task, noise, seed)
+    train_split, val, test = splits(task, noise, seed)
     keras.utils.set_random_seed(seed)
     net = net_fn()
     steps = epochs * -(-len(train_split[0]) // batch_size)
-    builder, _, _, _, passes = METHODS[method]
+    builder = ALL_METHODS[method][0]
     model, optimizer = builder(net, inner_fn(lr), rho, knob, val, steps)
     model.compile(
         optimizer=optimizer,
@@ -84,17 +104,32 @@ def train(task, method, rho, knob, noise, seed, epochs, lr=None):
         verbose=0,
         callbacks=[timer],
     ).history
-    _, val_acc = model.evaluate(*val, batch_size=512, verbose=0)
-    _, test_acc = model.evaluate(x_test, y_test, batch_size=512, verbose=0)
+    return model, history, timer.seconds, val, test
+
+
+def passes_per_step(method, history):
+    """1 + the logged `sam_fraction` where a schedule skips steps, else the
+    method's count."""
     if "sam_fraction" in history:
         ascent = 2.0 if method == "sam_ascent2" else 1.0
-        passes = 1.0 + ascent * float(history["sam_fraction"][-1])
-    timed = timer.seconds[1:] or timer.seconds
+        return 1.0 + ascent * float(history["sam_fraction"][-1])
+    return float(ALL_METHODS[method][4])
+
+
+def train(task, method, rho, knob, noise, seed, epochs, lr=None):
+    """One run: validation and test accuracy, passes and time per epoch
+    (the time is contaminated when runs share the machine: see
+    `timing`)."""
+    model, history, seconds, val, test = fit(
+        task, method, rho, knob, noise, seed, epochs, lr
+    )
+    _, val_acc = model.evaluate(*val, batch_size=512, verbose=0)
+    _, test_acc = model.evaluate(*test, batch_size=512, verbose=0)
     return {
         "val_accuracy": float(val_acc),
         "test_accuracy": float(test_acc),
-        "passes": float(passes),
-        "epoch_seconds": float(np.median(timed)),
+        "passes": passes_per_step(method, history),
+        "epoch_seconds": float(np.median(seconds[1:] or seconds)),
         "final_rho": float(history["rho"][-1]) if "rho" in history else rho,
         "final_loss": float(history["loss"][-1]),
     }
@@ -111,34 +146,46 @@ class Store:
                 self.data = json.load(f)
         self.data.update(meta)
 
-    def run(self, task, method, rho, knob, noise, seed, epochs, lr=None):
+    @staticmethod
+    def key(args):
+        task, method, rho, knob, noise, seed, epochs, lr = args
         key = f"{task}|{noise:g}|{method}|{rho:g}|{knob}|{seed}|{epochs}"
-        if lr is not None:
-            key += f"|lr{lr:g}"
-        if key not in self.data["runs"]:
+        return key if lr is None else key + f"|lr{lr:g}"
+
+    def get(self, args):
+        return self.data["runs"].get(self.key(args))
+
+    def put(self, args, result, seconds):
+        key = self.key(args)
+        self.data["runs"][key] = result
+        self.save()
+        print(
+            f"{key:<48} val {result['val_accuracy']:.4f} test "
+            f"{result['test_accuracy']:.4f} passes {result['passes']:.2f}"
+            f" ({seconds:.0f} s)",
+            flush=True,
+        )
+
+    def run(self, args):
+        """`train(*args)` here, unless stored."""
+        if self.get(args) is None:
             start = time.time()
-            result = train(task, method, rho, knob, noise, seed, epochs, lr)
-            self.data["runs"][key] = result
-            self.save()
-            print(
-                f"{key:<48} val {result['val_accuracy']:.4f} test "
-                f"{result['test_accuracy']:.4f} passes {result['passes']:.2f}"
-                f" ({time.time() - start:.0f} s)",
-                flush=True,
-            )
-        return self.data["runs"][key]
+            self.put(args, train(*args), time.time() - start)
+        return self.get(args)
 
     def save(self):
         with open(self.path, "w") as f:
             json.dump(self.data, f, indent=1)
 
 
-def pick(store, task, noise, epochs, grid, value_of, extend, factor):
-    """The grid value with the best validation accuracy (seed 0); an edge
-    pick extends the grid geometrically by `factor`, `extend` times."""
+def pick(grid, args_of, extend, factor):
+    """Chain stage: the grid value with the best validation accuracy (seed
+    0); an edge pick extends the grid geometrically by `factor`, `extend`
+    times. Yields the runs it needs, returns `(best, scores)`."""
     grid = sorted(grid)
     for _ in range(extend + 1):
-        scores = {v: value_of(v)["val_accuracy"] for v in grid}
+        results = yield [args_of(v) for v in grid]
+        scores = {v: r["val_accuracy"] for v, r in zip(grid, results)}
         best = max(grid, key=lambda v: scores[v])
         if len(grid) == 1 or best not in (grid[0], grid[-1]):
             break
@@ -147,19 +194,16 @@ def pick(store, task, noise, epochs, grid, value_of, extend, factor):
     return best, {f"{v:g}": s for v, s in scores.items()}
 
 
-def tune(store, task, method, noise, epochs, args):
-    """`(rho, knob, validation scores)` picked on the validation split."""
+def tune(task, method, noise, epochs, args):
+    """Chain stage: `(rho, knob, validation scores)` picked on the
+    validation split."""
     _, rhos, knob_name, knobs, _ = METHODS[method]
     knob0 = None if knobs is None else knobs[len(knobs) // 2]
     if args.smoke:
         rhos = rhos[len(rhos) // 2 : len(rhos) // 2 + 1]
-    rho, rho_scores = pick(
-        store,
-        task,
-        noise,
-        epochs,
+    rho, rho_scores = yield from pick(
         rhos,
-        lambda r: store.run(task, method, r, knob0, noise, 0, epochs),
+        lambda r: run_args(task, method, r, knob0, noise, 0, epochs),
         0 if args.smoke or len(rhos) == 1 else args.extend,
         2.5,
     )
@@ -167,20 +211,10 @@ def tune(store, task, method, noise, epochs, args):
     if knobs is not None and not args.smoke:
         # Probabilities, fractions and weights stay within (0, 1].
         cap = knob_name in ("probability", "fraction", "gamma", "sigma")
-        knob, knob_scores = pick(
-            store,
-            task,
-            noise,
-            epochs,
+        knob, knob_scores = yield from pick(
             knobs,
-            lambda k: store.run(
-                task,
-                method,
-                rho,
-                min(k, 1.0) if cap else k,
-                noise,
-                0,
-                epochs,
+            lambda k: run_args(
+                task, method, rho, min(k, 1.0) if cap else k, noise, 0, epochs
             ),
             0 if cap else args.extend,
             2.0,
@@ -189,7 +223,24 @@ def tune(store, task, method, noise, epochs, args):
     return rho, knob, {"rho": rho_scores, knob_name or "knob": knob_scores}
 
 
+def method_chain(store, task, method, noise, epochs, args):
+    """Tunes `method`, then runs `--seeds` seeds at the pick."""
+    rho, knob, scores = yield from tune(task, method, noise, epochs, args)
+    runs = yield [
+        run_args(task, method, rho, knob, noise, seed, epochs)
+        for seed in range(args.seeds)
+    ]
+    store.data.setdefault("picks", {})[f"{task}|{noise:g}|{method}"] = {
+        "rho": rho,
+        "knob": knob,
+        "scores": scores,
+        "runs": runs,
+    }
+    store.save()
+
+
 def benchmark(args, store):
+    chains, order = [], []
     for task in args.dataset:
         epochs = args.epochs or TASKS[task][3]
         for noise in args.noise:
@@ -198,80 +249,56 @@ def benchmark(args, store):
                 if message:
                     print(message, flush=True)
                     continue
-                rho, knob, scores = tune(
-                    store, task, method, noise, epochs, args
+                order.append(f"{task}|{noise:g}|{method}")
+                chains.append(
+                    method_chain(store, task, method, noise, epochs, args)
                 )
-                runs = [
-                    store.run(task, method, rho, knob, noise, seed, epochs)
-                    for seed in range(args.seeds)
-                ]
-                store.data.setdefault("picks", {})[
-                    f"{task}|{noise:g}|{method}"
-                ] = {"rho": rho, "knob": knob, "scores": scores, "runs": runs}
-                store.save()
-
-
-def baseline(args, store):
-    """Plain Adam 1e-2, batch 100, 6,000 steps (150 epochs) on clean
-    MNIST-1D: the paper reports about 94% (CNN) and 68% (MLP)."""
-    for task in ("mnist1d_cnn", "mnist1d_mlp"):
-        epochs = args.epochs or 150
-        accs = [
-            store.run(task, "plain", 0.0, None, 0.0, seed, epochs)[
-                "test_accuracy"
-            ]
-            for seed in range(args.seeds)
-        ]
-        mean, half = report.interval(accs)
-        store.data.setdefault("baseline", {})[task] = {
-            "epochs": epochs,
-            "accuracy": accs,
-            "mean": mean,
-            "ci95": half,
-        }
-        store.save()
-        print(f"{task}: {100 * mean:.2f} ± {100 * half:.2f} % ({epochs} ep)")
-
-
-def looksam_ablation(args, store):
-    """LookSAM over k and alpha against SAM, sam_every=k (alpha = 0) and
-    plain SGD at the step size LookSAM's one-pass steps take: their
-    gradient g + alpha |g| g_v/|g_v| (g_v orthogonal to g) has norm
-    sqrt(1 + alpha^2) |g|, so plain with lr x sqrt(1 + alpha^2)."""
-    task, noise = "digits", args.noise[-1]
-    epochs = args.epochs or TASKS[task][3]
-    from which_sam_setup import _cls
-
-    rows = {}
-    settings = [(k, a) for k in (2, 5, 10) for a in (0.0, 0.7)]
-    settings.insert(4, (5, 1.0))
-    for k, alpha in settings:
-        name = f"looksam_k{k}"
-        METHODS[name] = (
-            _cls("LookSAM", "alpha", k=k),
-            [0.05],
-            "alpha",
-            None,
-            1.0 + 1.0 / k,
-        )
-        rows[f"LookSAM k={k} alpha={alpha:g}"] = [
-            store.run(task, name, 0.05, alpha, noise, s, epochs)
-            for s in range(args.seeds)
-        ]
-    for alpha in (0.0, 0.7, 1.0):
-        lr = 0.05 * float(np.sqrt(1 + alpha**2))
-        rows[f"plain lr={lr:.3g} (= 0.05 sqrt(1 + {alpha:g}^2))"] = [
-            store.run(task, "plain", 0.0, None, noise, s, epochs, lr)
-            for s in range(args.seeds)
-        ]
-    rows["sam rho=0.05"] = [
-        store.run(task, "sam", 0.05, None, noise, s, epochs)
-        for s in range(args.seeds)
-    ]
-    store.data["looksam_ablation"] = {
-        name: [r["test_accuracy"] for r in runs] for name, runs in rows.items()
+    start, runs = time.time(), len(store.data["runs"])
+    pool.drive(chains, store, args.workers)
+    runs = len(store.data["runs"]) - runs
+    seconds = time.time() - start
+    print(
+        f"{runs} runs in {seconds:.0f} s ({args.workers} workers, "
+        f"{runs / max(seconds, 1e-9):.2f} runs/s)",
+        flush=True,
+    )
+    # The table's order is the command's, whatever order runs finished in.
+    picks = store.data.setdefault("picks", {})
+    store.data["picks"] = {
+        k: picks[k] for k in order + [k for k in picks if k not in order]
     }
-    store.save()
+    timing(args, store)
+
+
+def timing(args, store):
+    """Seconds per epoch of every method at its pick (the first noise
+    rate's), each run alone on the machine (after the tuning, so no other
+    run shares it), `--timing-epochs` epochs, the median over epochs 3 and
+    later (epoch 1 compiles; the host-scheduled variants compile again in
+    epoch 2); plain is measured in the same stage, first."""
+    table = store.data.setdefault("timing", {})
+    picks = store.data.get("picks", {})
+    noise = args.noise[0]
+    epochs = args.timing_epochs
+    for task in args.dataset:
+        for method in ["plain"] + [m for m in args.methods if m != "plain"]:
+            key = f"{task}|{method}|{epochs}"
+            picked = picks.get(f"{task}|{noise:g}|{method}")
+            if key in table or picked is None:
+                continue
+            _, history, seconds, _, _ = fit(
+                task, method, picked["rho"], picked["knob"], noise, 0, epochs
+            )
+            table[key] = {
+                "noise": noise,
+                "rho": picked["rho"],
+                "knob": picked["knob"],
+                "epoch_seconds": float(np.median(seconds[2:] or seconds)),
+                "seconds": [float(s) for s in seconds],
+                "passes": passes_per_step(method, history),
+            }
+            store.save()
+            print(f"timing {key}: {table[key]['epoch_seconds']:.4f} s/epoch")
 
 
 def parse_args(argv=None):
@@ -290,6 +317,19 @@ def parse_args(argv=None):
         "--extend", type=int, default=2, help="grid extensions at an edge pick"
     )
     parser.add_argument("--out", default="which_sam_results")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (the time per epoch "
+        "comes from a separate stage that runs one at a time)",
+    )
+    parser.add_argument(
+        "--timing-epochs",
+        type=int,
+        default=8,
+        help="epochs of the timing stage (median over epochs 3..N)",
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--baseline", action="store_true")
     parser.add_argument("--looksam-ablation", action="store_true")
@@ -297,6 +337,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.dataset, args.noise = "digits", "0.2"
         args.seeds, args.epochs = min(args.seeds, 2), args.epochs or 2
+        args.timing_epochs = min(args.timing_epochs, 3)
         if args.methods == parser.get_default("methods"):
             args.methods = "plain,sam,sam_every5,wsam"
     args.dataset = args.dataset.split(",")
@@ -325,22 +366,31 @@ def main(argv=None):
         "devices": _devices(),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
+    start = time.time()
     if args.looksam_ablation:
         store = Store(os.path.join(args.out, "looksam_ablation.json"), meta)
-        looksam_ablation(args, store)
+        pool.drive(
+            [studies.looksam_ablation_chain(store, args)], store, args.workers
+        )
         text = report.ablation_markdown(store.data)
     elif args.baseline:
         store = Store(os.path.join(args.out, "baseline.json"), meta)
-        baseline(args, store)
-        return store.data
+        pool.drive([studies.baseline_chain(store, args)], store, args.workers)
+        text = None
     else:
         store = Store(os.path.join(args.out, "which_sam.json"), meta)
         benchmark(args, store)
         text = report.markdown(store.data)
         report.plots(store.data, args.out)
-    with open(os.path.join(store.path[:-5] + ".md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    # One entry per invocation: a resumed suite's wall time is their sum.
+    store.data.setdefault("sessions", []).append(
+        dict(meta, workers=args.workers, wall_seconds=time.time() - start)
+    )
+    store.save()
+    if text is not None:
+        with open(os.path.join(store.path[:-5] + ".md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
     return store.data
 
 

@@ -274,6 +274,20 @@ METHODS = {
     ),
 }
 
+# LookSAM at other k, for `which_sam.py --looksam-ablation` (alpha is the
+# knob); not in the default method list.
+LOOKSAM_K = {
+    f"looksam_k{k}": (
+        _cls("LookSAM", "alpha", k=k),
+        [0.05],
+        "alpha",
+        None,
+        1.0 + 1.0 / k,
+    )
+    for k in (2, 5, 10)
+}
+ALL_METHODS = {**METHODS, **LOOKSAM_K}
+
 
 def available(name, task="digits"):
     """`None` if `name` can be built here, else why not (a message)."""

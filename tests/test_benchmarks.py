@@ -4,9 +4,11 @@ Runs both scripts' `main` on tiny settings and checks the CIFAR-10 loader of
 `benchmarks/accuracy.py` on tensorflow-datasets' mock data (no download).
 """
 
+import concurrent.futures
 import importlib.util
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -158,6 +160,62 @@ def test_which_sam_smoke_and_resume(tmp_path, monkeypatch):
     )
     again = which_sam.main(argv + ["--out", str(tmp_path)])
     assert again["runs"] == data["runs"]
+    # The cost comes from the timing stage (one run at a time), plain first.
+    assert list(data["timing"]) == [
+        f"digits|{m}|3" for m in ("plain", "sam_every5", "wsam")
+    ]
+
+
+def _fake_train(task, method, rho, knob, noise, seed, epochs, lr=None):
+    """Validation accuracy peaks at rho 0.25 (beyond the grid's edge) and
+    knob 0.3; test accuracy depends on every argument."""
+    time.sleep(0.002 * (seed % 3))  # finish out of order
+    val = -abs(np.log(rho / 0.25)) if rho else 0.0
+    val -= 0.0 if knob is None else abs(knob - 0.3)
+    test = (hash((task, method, rho, knob, noise, seed)) % 1000) / 1000
+    return {
+        "val_accuracy": float(val),
+        "test_accuracy": test,
+        "passes": 1.0,
+        "epoch_seconds": 0.0,
+        "final_rho": rho,
+        "final_loss": 0.0,
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_which_sam_workers_schedule_like_one_process(workers, monkeypatch):
+    # The scheduling of `--workers` (threads stand in for the processes):
+    # the same runs and picks as one run at a time, edge extensions too.
+    which_sam = _load("which_sam")
+    monkeypatch.setattr(which_sam, "train", _fake_train)
+    args = which_sam.parse_args(["--seeds", "3", "--noise", "0,0.2"])
+    args.methods = ["plain", "sam", "looksam", "random"]
+    chains, stores = {}, {}
+    for n in (1, workers):
+        store = which_sam.Store(os.devnull + "_absent", {})
+        store.save = lambda: None
+        chains[n] = [
+            which_sam.method_chain(store, "digits", m, noise, 2, args)
+            for noise in args.noise
+            for m in args.methods
+        ]
+        executor = None
+        if n > 1:
+            executor = concurrent.futures.ThreadPoolExecutor(n)
+        which_sam.pool.drive(
+            chains[n], store, n, executor=executor, train=_fake_train
+        )
+        stores[n] = store.data
+    one, many = stores[1], stores[workers]
+    assert one["runs"] == many["runs"]
+    assert sorted(one["picks"]) == sorted(many["picks"])
+    assert all(one["picks"][k] == many["picks"][k] for k in one["picks"])
+    picks = one["picks"]
+    assert picks["digits|0.2|sam"]["rho"] == 0.25  # 0.1 extended once
+    assert picks["digits|0.2|looksam"]["knob"] == 0.3
+    assert picks["digits|0.2|random"]["knob"] == 0.3
+    assert len(picks["digits|0|plain"]["runs"]) == 3
 
 
 def test_which_sam_mnist1d_networks_are_the_papers():
