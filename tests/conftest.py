@@ -51,3 +51,18 @@ def mode(request):
 
 def backend_name():
     return BACKEND
+
+
+def script_smoke_on(backend):
+    """Runs a benchmark or example script's smoke test on `backend` only.
+
+    The scripts are written in `keras.ops` on top of keras_sam, whose every
+    code path the other tests run on every backend; running each script's
+    minutes-long smoke test three times would only repeat that work (and
+    keep CI over its time). Each script is still exercised end to end on
+    one backend.
+    """
+    return pytest.mark.skipif(
+        BACKEND != backend,
+        reason=f"script smoke test: run on {backend} only (conftest)",
+    )

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import script_smoke_on
+
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
@@ -24,6 +26,7 @@ def _load(name):
     return module
 
 
+@script_smoke_on("tensorflow")
 def test_step_time_main_tiny(tmp_path):
     step_time = _load("step_time")
     out = tmp_path / "step_time.json"
@@ -49,19 +52,30 @@ def test_step_time_main_tiny(tmp_path):
         assert r["steps"] == 5
     plain = report["results"][0]
     assert plain["ratio"] == 1.0
-    if report["environment"]["backend"] == "jax":
-        # XLA's memory analysis: available on CPU too.
-        assert plain["memory_bytes"] > plain["weights_bytes"]
     saved = json.loads(out.read_text())
     assert saved["markdown"] == report["markdown"]
     assert "| tiny | sam |" in report["markdown"]
 
+
+@script_smoke_on("jax")
+def test_step_time_memory_on_jax(tmp_path):
+    # XLA's memory analysis of each compiled step: available on CPU too.
+    step_time = _load("step_time")
+    report = step_time.main(
+        ["--model", "tiny", "--batch-size", "4", "--steps", "2"]
+        + ["--warmup", "1", "--methods", "sam", "--out", str(tmp_path / "s")]
+    )
+    plain, sam = report["results"]
+    assert plain["memory_bytes"] > plain["weights_bytes"]
+    assert sam["memory_bytes"] > plain["memory_bytes"]
+    assert 0.0 < sam["extra_memory_over_weights"] < 4.0
 
 def test_step_time_sam_every_window():
     step_time = _load("step_time")
     assert step_time.method_table()["sam_every5"][0] == 5
 
 
+@script_smoke_on("tensorflow")
 def test_accuracy_main_quick(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
@@ -109,6 +123,7 @@ def test_cifar10_loader_on_mock_data():
     assert np.array_equal(test[1], y_test)
 
 
+@script_smoke_on("torch")
 def test_equal_compute_main_tiny(tmp_path):
     equal_compute = _load("equal_compute")
     report = equal_compute.main(
@@ -125,6 +140,7 @@ def test_equal_compute_main_tiny(tmp_path):
     assert report["conclusion"]
 
 
+@script_smoke_on("torch")
 def test_sampa_accuracy_main_quick(tmp_path):
     sampa_accuracy = _load("sampa_accuracy")
     report = sampa_accuracy.main(["--quick", "--out", str(tmp_path)])
@@ -140,6 +156,7 @@ def test_sampa_accuracy_main_quick(tmp_path):
     assert (tmp_path / "sampa_accuracy.md").exists()
 
 
+@script_smoke_on("jax")
 def test_which_sam_smoke_and_resume(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
