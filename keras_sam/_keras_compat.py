@@ -56,6 +56,18 @@ def all_layers(model):
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
+def call_without_scope(model, inputs, training):
+    """`model.call` as Keras' JAX trainer runs a model (`Layer.stateless_call`
+    calls `call` itself, not `__call__`): the model opens no autocast scope
+    of its own, so a layer that opts out of autocasting (`Embedding`,
+    whose reverse use ties an LM head) sees what it sees in plain `fit`;
+    `training` is passed only where `call` takes it
+    (`Layer._call_has_training_arg`)."""
+    if model._call_has_training_arg:
+        return model.call(inputs, training=training)
+    return model.call(inputs)
+
+
 def symbolic_build(model, data_batch):
     """Keras' own symbolic build of a model, its compiled loss and metrics
     and its optimizer from a batch (a no-op once they exist):

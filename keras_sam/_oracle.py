@@ -66,7 +66,8 @@ def loss_fn(model, state, batch, training, scale=None):
     )
 
     def forward():
-        y_pred = model(x, training=training)
+        # The wrapped model, run as plain `fit` runs it on this backend.
+        y_pred = backend.forward(model.model, x, training)
         loss = model.compute_loss(
             x=x,
             y=y,

@@ -171,3 +171,44 @@ def test_non_finite_pass_skips_the_step(policy, bad_pass):
         assert abs(w - 0.01) > 1e-4
         assert momentum[0] > 0
         assert iterations == 1
+
+
+class TiedLM(keras.Model):
+    """Embedding, Dense, then the embedding's transpose as the head (a
+    tied LM head, as keras-hub's GPT-2): `Embedding` opts out of
+    autocasting, so the head's precision depends on the autocast scope its
+    caller opened (bfloat16 in plain `fit` on JAX, float32 on TF/torch)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = keras.layers.ReversibleEmbedding(11, 8)
+        self.hidden = keras.layers.Dense(8, kernel_initializer="orthogonal")
+
+    def call(self, token_ids):
+        hidden = self.hidden(self.embedding(token_ids))
+        return ops.cast(self.embedding(hidden, reverse=True), "float32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_forward_runs_in_the_precision_of_plain_fit(policy):
+    # The same precision in every pass as plain `fit` on this backend: at
+    # rho = 0, SAMModel's weights equal plain training's to the bit.
+    tokens = np.random.default_rng(0).integers(0, 11, (8, 5)).astype("int32")
+    x, y = tokens, np.roll(tokens, -1, axis=1)
+    weights = {}
+    for name in ("plain", "sam"):
+        keras.utils.set_random_seed(3)
+        model = TiedLM()
+        model(x[:1])
+        optimizer = keras.optimizers.SGD(0.5)
+        if name == "sam":
+            model = keras_sam.SAMModel(model)
+            optimizer = optimizers.SAM(optimizer, rho=0.0)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        weights[name] = [np.asarray(w) for w in model.get_weights()]
+    for plain, sam in zip(weights["plain"], weights["sam"]):
+        np.testing.assert_array_equal(sam, plain)

@@ -29,6 +29,10 @@ else:
 # layers draw from, the context the commit runs in, and a conditional
 # stateful update.
 read = _impl.read
+# The wrapped model's forward pass as the backend's Keras trainer runs a
+# model (autocast scopes differ: `__call__` on TensorFlow and torch, `call`
+# on JAX).
+forward = _impl.forward
 grad_and_aux = _impl.grad_and_aux
 all_reduce = _impl.all_reduce
 all_replicas = _impl.all_replicas

@@ -62,3 +62,9 @@ def per_replica_batchnorm(enabled):
     context (under `tf.distribute`, each replica's own unless the layer
     is `synchronized`, as in plain Keras)."""
     return contextlib.nullcontext()
+
+
+def forward(model, inputs, training):
+    """The wrapped model's forward pass as Keras' TensorFlow and torch
+    trainers run it: `model(inputs, training=training)`."""
+    return model(inputs, training=training)

@@ -274,6 +274,12 @@ def _unpack(buffers, layout):
     return jax.tree.unflatten(treedef, leaves)
 
 
+def forward(model, inputs, training):
+    """The wrapped model's forward pass as Keras' JAX trainer runs it: its
+    `call` without `__call__` (the autocast scopes of plain `fit`)."""
+    return _keras_compat.call_without_scope(model, inputs, training)
+
+
 def read(variables):
     """The variables' current values."""
     return [v.value for v in variables]

@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from keras_sam.backend._one_replica import forward  # noqa: F401
 from keras_sam.backend._one_replica import in_parallel  # noqa: F401
 from keras_sam.backend._one_replica import in_replica  # noqa: F401
 from keras_sam.backend._one_replica import no_grad  # noqa: F401

@@ -7,6 +7,7 @@ from keras_sam.backend import _one_replica
 from keras_sam.backend._one_replica import all_reduce  # noqa: F401
 from keras_sam.backend._one_replica import all_replicas  # noqa: F401
 from keras_sam.backend._one_replica import apply_if  # noqa: F401
+from keras_sam.backend._one_replica import forward  # noqa: F401
 from keras_sam.backend._one_replica import in_parallel  # noqa: F401
 from keras_sam.backend._one_replica import in_replica  # noqa: F401
 from keras_sam.backend._one_replica import per_replica  # noqa: F401
