@@ -82,6 +82,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--dump-hlo", default=None, help="write each compiled step's HLO here"
+    )
     args = parser.parse_args(argv)
 
     import jax
@@ -101,6 +104,10 @@ def main(argv=None):
     for method in methods:
         step, state, cost = compiled_step(method, cfg, args, x, y)
         runs[method] = {"step": step, "state": state, "cost": cost}
+        if args.dump_hlo:
+            os.makedirs(args.dump_hlo, exist_ok=True)
+            with open(os.path.join(args.dump_hlo, f"{method}.hlo"), "w") as f:
+                f.write(step.as_text())
         runs[method].update(synced=[], pipelined=[])
         print(f"compiled {method}", flush=True)
 
@@ -118,20 +125,20 @@ def main(argv=None):
             jax.block_until_ready(run["state"])
             run["pipelined"].append((time.perf_counter() - start) / args.steps)
 
+    def synced_of(run):  # the first round warms up, unless it is the only one
+        return statistics.median(run["synced"][args.steps :] or run["synced"])
+
     plain = runs["plain"]
     rows = []
     for method, run in runs.items():
-        synced = statistics.median(
-            run["synced"][args.steps :]
-        )  # 1st round warm
+        synced = synced_of(run)
         pipelined = statistics.median(run["pipelined"])
         rows.append(
             {
                 "method": method,
                 "synced_ms": 1e3 * synced,
                 "pipelined_ms": 1e3 * pipelined,
-                "synced_ratio": synced
-                / statistics.median(plain["synced"][args.steps :]),
+                "synced_ratio": synced / synced_of(plain),
                 "pipelined_ratio": pipelined
                 / statistics.median(plain["pipelined"]),
                 "flops_ratio": run["cost"]["flops"] / plain["cost"]["flops"],
