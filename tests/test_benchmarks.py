@@ -70,6 +70,7 @@ def test_step_time_memory_on_jax(tmp_path):
     assert sam["memory_bytes"] > plain["memory_bytes"]
     assert 0.0 < sam["extra_memory_over_weights"] < 4.0
 
+
 def test_step_time_sam_every_window():
     step_time = _load("step_time")
     assert step_time.method_table()["sam_every5"][0] == 5
