@@ -226,12 +226,9 @@ def device_peak_bytes():
     return None
 
 
-def xla_step_bytes(model, x, y):
-    """XLA memory analysis of the compiled step (JAX), or None."""
-    import keras
-
-    if keras.backend.backend() != "jax":
-        return None
+def compiled_train_step(model, x, y):
+    """`(compiled step, state)`: the train step as Keras' JAX trainer jits
+    it (state donated), lowered and compiled for the batch `(x, y)`."""
     import jax
 
     state = (
@@ -241,7 +238,16 @@ def xla_step_bytes(model, x, y):
         [v.value for v in model.metrics_variables],
     )
     step = jax.jit(lambda s, d: model.train_step(s, d), donate_argnums=0)
-    stats = step.lower(state, (x, y)).compile().memory_analysis()
+    return step.lower(state, (x, y)).compile(), state
+
+
+def xla_step_bytes(model, x, y):
+    """XLA memory analysis of the compiled step (JAX), or None."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    stats = compiled_train_step(model, x, y)[0].memory_analysis()
     if stats is None:
         return None
     return int(

@@ -35,7 +35,6 @@ import transformer  # noqa: E402
 def compiled_step(method, cfg, args, x, y):
     """(jitted step, state, cost) of one method; `sam_every5_one` is the
     one-pass program of `sam_every=5`."""
-    import jax
     import keras
 
     keras.utils.set_random_seed(args.seed)
@@ -47,14 +46,7 @@ def compiled_step(method, cfg, args, x, y):
     model._symbolic_build(data_batch=(x, y))  # Keras' build, as in `fit`
     if method.endswith("_one"):
         model._pass_kind = "one"
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
-    step = jax.jit(lambda s, d: model.train_step(s, d), donate_argnums=0)
-    compiled = step.lower(state, (x, y)).compile()
+    compiled, state = transformer.compiled_train_step(model, x, y)
     model._pass_kind = None
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
