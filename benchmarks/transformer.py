@@ -6,11 +6,17 @@ with `fit` on the source files of the Python standard library that runs
 this script (sorted paths; every 10th file is validation, the rest
 training). For each method it reports:
 
-- `step_ms`: the training step inside `fit`, compile excluded: a callback
-  times steps after `--warmup` untimed ones (reading the loss each step,
-  which synchronizes the device); mean (amortized over cheap variants'
-  periods) and median;
-- `ratio`: mean step over the plain method's with the same LoRA setting;
+- `step_ms`: the training step inside `fit`, compile excluded, two ways.
+  After `--warmup` untimed steps, `fit` runs three more times on the next
+  batches: (1) with a per-step callback that reads the loss (as `verbose=1`
+  does: every step waits for the device), timed per step, mean (amortized
+  over cheap variants' periods) and median: `step_ms_mean`,
+  `step_ms_median`; then (2) `n1` and (3) `n2 = 2 n1` steps with no
+  callback, which Keras dispatches without waiting (the host keeps ahead of
+  the device): `step_ms_async = (t3 - t2) / (n2 - n1)`, so what each `fit`
+  costs once cancels. `n1` is a multiple of 5 (whole periods);
+- `ratio`, `ratio_async`: over the plain method's with the same LoRA
+  setting;
 - `peak_bytes`: peak device memory of the run (JAX/TF/torch on a GPU:
   the allocator's peak), and on JAX also `xla_step_bytes`, XLA's memory
   analysis of the compiled step (arguments + outputs - donated +
@@ -56,7 +62,7 @@ SIZES = {
     # CPU smoke: tiny model, few steps
     "small": {
         "layers": 2, "hidden": 64, "heads": 2, "seq": 64, "batch": 8,
-        "steps": 20, "warmup": 10, "lr": 1e-3, "dtype": "float32",
+        "steps": 40, "warmup": 10, "lr": 1e-3, "dtype": "float32",
         "val_windows": 16,
     },
     # GPT-2 small: 12 x 768, 12 heads (85M weights with the byte vocabulary,
@@ -181,14 +187,18 @@ def compile_method(method, model, lr, rho):
 
 
 def step_timer(warmup):
+    """Times each step inside `fit` (after `warmup` untimed ones); the
+    first is timed from its `on_train_batch_begin`."""
     import keras
 
     class StepTimer(keras.callbacks.Callback):
-        """Times steps inside `fit` after `warmup` untimed ones."""
-
         def __init__(self):
             super().__init__()
             self.times, self.seen, self.last = [], 0, None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.last is None and self.seen >= warmup:
+                self.last = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
             float(logs["loss"])  # wait for the device
@@ -199,6 +209,16 @@ def step_timer(warmup):
             self.last = now
 
     return StepTimer()
+
+
+def fit_parts(steps, warmup):
+    """Steps of the successive `fit` calls: `[warmup, n1 (per-step timer),
+    n1, 2 n1 (no callback)]`, `n1` a multiple of 5; None when `steps`
+    leaves too few for that."""
+    n1 = 5 * ((steps - warmup) // 20)
+    if n1 < 5:
+        return None
+    return [steps - 4 * n1, n1, n1, 2 * n1]
 
 
 def device_peak_bytes():
@@ -281,12 +301,27 @@ def run_one(method, cfg, args):
     if method.endswith("_lora"):
         backbone.enable_lora(args.rank)
     model = compile_method(method, model, cfg["lr"], args.rho)
-    timer = step_timer(cfg["warmup"])
+    b, parts = cfg["batch"], fit_parts(steps, cfg["warmup"])
+    timer = step_timer(cfg["warmup"] if parts is None else 0)
+    async_ms = None
     t0 = time.perf_counter()
-    model.fit(
-        x, y, batch_size=cfg["batch"], epochs=1, shuffle=False,
-        verbose=0, callbacks=[timer],
-    )  # fmt: skip
+    if parts is None:  # too few steps to split: one fit, timed per step
+        model.fit(
+            x, y, batch_size=b, epochs=1, shuffle=False, verbose=0,
+            callbacks=[timer],
+        )  # fmt: skip
+    else:
+        seconds, start = [], 0
+        for i, n in enumerate(parts):
+            chunk = slice(start * b, (start + n) * b)
+            start += n
+            t = time.perf_counter()
+            model.fit(
+                x[chunk], y[chunk], batch_size=b, epochs=1, shuffle=False,
+                verbose=0, callbacks=[timer] if i == 1 else [],
+            )  # fmt: skip
+            seconds.append(time.perf_counter() - t)
+        async_ms = 1e3 * (seconds[3] - seconds[2]) / (parts[3] - parts[2])
     fit_s = time.perf_counter() - t0
     result = {
         "method": method,
@@ -302,6 +337,7 @@ def run_one(method, cfg, args):
         "step_ms_median": (
             1e3 * statistics.median(timer.times) if timer.times else None
         ),
+        "step_ms_async": async_ms,
         "fit_s": fit_s,
         "peak_bytes": device_peak_bytes(),
     }
@@ -377,15 +413,19 @@ def compare(args, methods):
     results = {m: child(m, args) for m in methods}
     for m, r in results.items():
         plain = results.get("plain_lora" if m.endswith("_lora") else "plain")
-        if r.get("step_ms_mean") and plain and plain.get("step_ms_mean"):
-            r["ratio"] = r["step_ms_mean"] / plain["step_ms_mean"]
+        for key, ratio in (("step_ms_mean", "ratio"),
+                           ("step_ms_async", "ratio_async")):  # fmt: skip
+            if r.get(key) and plain and plain.get(key):
+                r[ratio] = r[key] / plain[key]
         print(json.dumps(r), flush=True)
-    print("\n| method | trainable | step ms (mean / median) | ratio "
-          "| peak MB | XLA step MB | val loss |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| method | trainable | synced step ms (mean / median) "
+          "| ratio | async step ms | ratio | peak MB | XLA step MB "
+          "| val loss |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    nan = float("nan")
     for m, r in results.items():
         if "error" in r:
-            print(f"| {m} | error: {r['error']} | | | | | |")
+            print(f"| {m} | error: {r['error']} | | | | | | | |")
             continue
 
         def mb(v):
@@ -393,7 +433,9 @@ def compare(args, methods):
 
         print(
             f"| {m} | {r['trainable']:,} | {r['step_ms_mean']:.1f} / "
-            f"{r['step_ms_median']:.1f} | {r.get('ratio', float('nan')):.2f} "
+            f"{r['step_ms_median']:.1f} | {r.get('ratio', nan):.2f} "
+            f"| {r.get('step_ms_async') or nan:.1f} "
+            f"| {r.get('ratio_async', nan):.2f} "
             f"| {mb(r['peak_bytes'])} | {mb(r.get('xla_step_bytes'))} "
             f"| {r['val_loss']:.4f} |"
         )
