@@ -31,7 +31,8 @@ and an out-of-memory error stays in its child.
 
 `--bisect`: at fixed batch and sequence length, the largest GPT-2 family
 model (a ladder scaling depth and width together) that trains with each
-method, found by bisection over the ladder, one child per probe.
+method, found by bisection over the ladder from `--guess`, one child per
+probe (training only, `--probe-steps` steps).
 
     python benchmarks/transformer.py --size small --methods plain,sam   # CPU
     KERAS_BACKEND=jax python benchmarks/transformer.py --size gpt2 \\
@@ -79,13 +80,13 @@ METHODS = BASE_METHODS + tuple(m + "_lora" for m in BASE_METHODS)
 
 
 def ladder(rung):
-    """GPT-2 family rung: width 768 + 128 i, depth 12 + 6 i, head dim 64.
+    """GPT-2 family rung: width 768 + 64 i, depth 12 + 3 i, head dim 64.
 
-    Rung 0 is GPT-2 small (12 x 768); 2 is medium (24 x 1024); 4 is large
-    (36 x 1280); 6 is about XL (48 x 1536).
+    Rung 0 is GPT-2 small (12 x 768); 4 is medium (24 x 1024); 8 is large
+    (36 x 1280); 12 is XL (48 x 1536); each rung adds 10-25% weights.
     """
-    hidden = 768 + 128 * rung
-    return {"layers": 12 + 6 * rung, "hidden": hidden, "heads": hidden // 64}
+    hidden = 768 + 64 * rung
+    return {"layers": 12 + 3 * rung, "hidden": hidden, "heads": hidden // 64}
 
 
 # ---------------------------------------------------------------------------
@@ -341,6 +342,8 @@ def run_one(method, cfg, args):
         "fit_s": fit_s,
         "peak_bytes": device_peak_bytes(),
     }
+    if args.probe:  # fits or not: nothing more to compile
+        return result
     result["val_loss"] = float(
         model.evaluate(xv, yv, batch_size=cfg["batch"], verbose=0)
     )
@@ -443,22 +446,46 @@ def compare(args, methods):
 
 
 def bisect(args, methods):
-    """Largest ladder rung that trains, per method (monotone in the rung)."""
+    """Largest ladder rung that trains, per method (fitting is monotone in
+    the rung): from `--guess`, outward in doubling steps until a probe
+    that fits and one that does not bracket the answer, then bisection.
+    With a good guess that is two probes per method."""
     found = {}
     for m in methods:
         lo, hi, probes = -1, args.max_rung + 1, []
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            rung = ladder(mid)
-            extra = []
+
+        def probe(rung_index):
+            rung = ladder(rung_index)
+            extra = ["--steps", str(args.probe_steps), "--warmup", "1"]
             for key, value in rung.items():
                 extra += [f"--{key}", str(value)]
-            r = child(m, args, ["--steps", str(args.probe_steps),
-                                "--warmup", "1"] + extra)  # fmt: skip
+            r = child(m, args, extra + ["--probe"])
             ok = "error" not in r and not r.get("oom")
-            probes.append({"rung": mid, **rung, "ok": ok, **r})
+            probes.append({"rung": rung_index, **rung, "ok": ok, **r})
             print(json.dumps(probes[-1]), flush=True)
-            lo, hi = (mid, hi) if ok else (lo, mid)
+            return ok
+
+        guess = min(max(args.guess, 0), args.max_rung)
+        step = 1
+        if probe(guess):
+            lo = guess
+            while hi - lo > 1:  # up until one does not fit
+                rung = min(lo + step, hi - 1)
+                if not probe(rung):
+                    hi = rung
+                    break
+                lo, step = rung, 2 * step
+        else:
+            hi = guess
+            while hi - lo > 1:  # down until one fits
+                rung = max(hi - step, lo + 1)
+                if probe(rung):
+                    lo = rung
+                    break
+                hi, step = rung, 2 * step
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if probe(mid) else (lo, mid)
         found[m] = {
             "largest_rung": lo,
             "config": ladder(lo) if lo >= 0 else None,
@@ -476,6 +503,10 @@ def main():
     p.add_argument("--bisect", action="store_true")
     p.add_argument("--max-rung", type=int, default=30)
     p.add_argument("--probe-steps", type=int, default=3)
+    p.add_argument(
+        "--guess", type=int, default=0, help="first rung --bisect probes"
+    )
+    p.add_argument("--probe", action="store_true", help="(internal) train only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--rho", type=float, default=0.05)
@@ -508,6 +539,12 @@ def main():
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     report = {"environment": environment(), "config": config_for(args)}
     if args.bisect:
+        # JAX takes 75% of the GPU's memory by default; a model that needs
+        # more should count as fitting.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+        report["environment"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] = os.environ[
+            "XLA_PYTHON_CLIENT_MEM_FRACTION"
+        ]
         report["bisect"] = bisect(args, methods)
     else:
         report["results"] = compare(args, methods)

@@ -110,7 +110,11 @@ def probe_step(model, x, y):
     return eps, z, before, after
 
 
-def flat_model(sigma=SIGMA, seed=0, mode="jit", weights_seed=0):
+def flat_model(sigma=SIGMA, seed=0, mode=None, weights_seed=0):
+    """A FlatLoRA model; `mode` defaults to the backend's own compiled mode
+    (on torch that is eager: `jit_compile=True` there is `torch.compile`,
+    a minute per model)."""
+    mode = mode or DISTINCT_MODES[keras.backend.backend()][-1]
     model = keras_sam.SAMModel(lora_dense(weights_seed))
     model.compile(
         optimizer=FlatLoRA(keras.optimizers.SGD(LR), sigma=sigma, seed=seed),
