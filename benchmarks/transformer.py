@@ -413,14 +413,16 @@ def environment():
 
 
 def compare(args, methods):
-    results = {m: child(m, args) for m in methods}
+    results = {}
+    for m in methods:  # each printed when done: a cut-off run keeps them
+        results[m] = child(m, args)
+        print(json.dumps(results[m]), flush=True)
     for m, r in results.items():
         plain = results.get("plain_lora" if m.endswith("_lora") else "plain")
         for key, ratio in (("step_ms_mean", "ratio"),
                            ("step_ms_async", "ratio_async")):  # fmt: skip
             if r.get(key) and plain and plain.get(key):
                 r[ratio] = r[key] / plain[key]
-        print(json.dumps(r), flush=True)
     print("\n| method | trainable | synced step ms (mean / median) "
           "| ratio | async step ms | ratio | peak MB | XLA step MB "
           "| val loss |")  # fmt: skip
