@@ -32,7 +32,8 @@ and an out-of-memory error stays in its child.
 `--bisect`: at fixed batch and sequence length, the largest GPT-2 family
 model (a ladder scaling depth and width together) that trains with each
 method, found by bisection over the ladder from `--guess`, one child per
-probe (training only, `--probe-steps` steps).
+probe (training only, `--probe-steps` steps). `--ladder-depth D` bisects
+over width at depth D instead (compiling a probe stays fast).
 
     python benchmarks/transformer.py --size small --methods plain,sam   # CPU
     KERAS_BACKEND=jax python benchmarks/transformer.py --size gpt2 \\
@@ -79,12 +80,19 @@ BASE_METHODS = ("plain", "sam", "looksam", "sam_every5", "msam")
 METHODS = BASE_METHODS + tuple(m + "_lora" for m in BASE_METHODS)
 
 
-def ladder(rung):
-    """GPT-2 family rung: width 768 + 64 i, depth 12 + 3 i, head dim 64.
+def ladder(rung, depth=None):
+    """A rung of the GPT-2 family, head dim 64: width 768 + 64 i, depth
+    12 + 3 i. Rung 0 is GPT-2 small (12 x 768); 4 is medium (24 x 1024);
+    8 is large (36 x 1280); 12 is XL (48 x 1536); each rung adds 10-25%
+    weights.
 
-    Rung 0 is GPT-2 small (12 x 768); 4 is medium (24 x 1024); 8 is large
-    (36 x 1280); 12 is XL (48 x 1536); each rung adds 10-25% weights.
+    With `depth`, the width ladder at that depth: width 768 + 128 i (at
+    depth 24, rung 2 is GPT-2 medium; a rung of a 3B model adds 7%
+    weights, and compiling stays as fast as at depth 24).
     """
+    if depth:
+        hidden = 768 + 128 * rung
+        return {"layers": depth, "hidden": hidden, "heads": hidden // 64}
     hidden = 768 + 64 * rung
     return {"layers": 12 + 3 * rung, "hidden": hidden, "heads": hidden // 64}
 
@@ -453,11 +461,12 @@ def bisect(args, methods):
     that fits and one that does not bracket the answer, then bisection.
     With a good guess that is two probes per method."""
     found = {}
-    for m in methods:
+    guesses = [int(g) for g in str(args.guess).split(",")]
+    for i, m in enumerate(methods):
         lo, hi, probes = -1, args.max_rung + 1, []
 
         def probe(rung_index):
-            rung = ladder(rung_index)
+            rung = ladder(rung_index, args.ladder_depth)
             extra = ["--steps", str(args.probe_steps), "--warmup", "1"]
             for key, value in rung.items():
                 extra += [f"--{key}", str(value)]
@@ -467,7 +476,7 @@ def bisect(args, methods):
             print(json.dumps(probes[-1]), flush=True)
             return ok
 
-        guess = min(max(args.guess, 0), args.max_rung)
+        guess = min(max(guesses[min(i, len(guesses) - 1)], 0), args.max_rung)
         step = 1
         if probe(guess):
             lo = guess
@@ -488,12 +497,9 @@ def bisect(args, methods):
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if probe(mid) else (lo, mid)
-        found[m] = {
-            "largest_rung": lo,
-            "config": ladder(lo) if lo >= 0 else None,
-            "probes": probes,
-        }
-        print(f"{m}: largest rung {lo} {ladder(lo) if lo >= 0 else ''}")
+        config = ladder(lo, args.ladder_depth) if lo >= 0 else None
+        found[m] = {"largest_rung": lo, "config": config, "probes": probes}
+        print(f"{m}: largest rung {lo} {config}", flush=True)
     return found
 
 
@@ -506,7 +512,15 @@ def main():
     p.add_argument("--max-rung", type=int, default=30)
     p.add_argument("--probe-steps", type=int, default=3)
     p.add_argument(
-        "--guess", type=int, default=0, help="first rung --bisect probes"
+        "--guess",
+        default="0",
+        help="first rung --bisect probes; a comma list: one per method",
+    )
+    p.add_argument(
+        "--ladder-depth",
+        type=int,
+        default=None,
+        help="--bisect over width at this depth (else the GPT-2 family)",
     )
     p.add_argument("--probe", action="store_true", help="(internal) train only")
     p.add_argument("--seed", type=int, default=0)
