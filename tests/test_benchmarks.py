@@ -7,7 +7,11 @@ Runs both scripts' `main` on tiny settings and checks the CIFAR-10 loader of
 import concurrent.futures
 import importlib.util
 import json
+import math
 import os
+import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,7 +19,8 @@ import pytest
 
 from tests.conftest import script_smoke_on
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
 
 def _load(name):
@@ -244,3 +249,103 @@ def test_which_sam_mnist1d_networks_are_the_papers():
     assert cnn.layers[-2].output.shape[-1] == 125
     assert cnn.count_params() == 150 + 1900 + 1900 + 1260
     assert setup.mnist1d_mlp().count_params() == 4100 + 10100 + 1010
+
+
+def _run_script(*argv):
+    """A script in a child process with this backend and this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.abspath(ROOT), env.get("PYTHONPATH")) if p
+    )
+    done = subprocess.run(
+        [sys.executable, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@script_smoke_on("torch")
+def test_transformer_small_lora_smoke(tmp_path):
+    pytest.importorskip("keras_hub", exc_type=ImportError)
+    out = tmp_path / "transformer.json"
+    _run_script(
+        os.path.join(BENCHMARKS, "transformer.py"),
+        *("--size", "small", "--methods", "plain_lora,sam_lora"),
+        *("--steps", "25", "--warmup", "5", "--out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    assert report["config"]["steps"] == 25
+    plain, sam = (report["results"][m] for m in ("plain_lora", "sam_lora"))
+    for r in (plain, sam):
+        assert "error" not in r, r
+        # only the LoRA factors and the biases of their layers train
+        assert 0 < r["trainable"] < r["weights"] / 10
+        assert r["timed_steps"] == 5 and r["step_ms_mean"] > 0
+        assert isinstance(r["step_ms_async"], float)
+        assert np.isfinite(r["val_loss"]) and r["val_loss"] < np.log(260)
+    assert plain["trainable"] == sam["trainable"]
+    assert plain["ratio"] == 1.0 and sam["ratio"] > 1.0
+
+
+def test_transformer_bisect_search(monkeypatch):
+    """The search from a guess: outward in doubling steps, then bisection;
+    its answer is the largest rung that fits, whatever the guess."""
+    transformer = _load("transformer")
+    largest = 13
+    probed = []
+
+    def fake_child(method, args, extra=()):
+        hidden = int(extra[extra.index("--hidden") + 1])
+        rung = (hidden - 768) // 128
+        probed.append(rung)
+        if rung > largest:
+            return {"method": method, "oom": True, "error": "oom"}
+        return {"method": method}
+
+    monkeypatch.setattr(transformer, "child", fake_child)
+
+    class Args:
+        max_rung, probe_steps, ladder_depth = 40, 2, 24
+
+    for guess in (13, 14, 12, 0, 40):
+        probed.clear()
+        Args.guess = str(guess)
+        found = transformer.bisect(Args, ["plain"])["plain"]
+        assert found["largest_rung"] == largest, (guess, probed)
+        assert found["config"] == {"layers": 24, "hidden": 2432, "heads": 38}
+        # two probes from a right guess, about 2 log2(distance) more else
+        distance = abs(guess - largest) + 1
+        assert len(probed) <= 2 + 2 * math.ceil(math.log2(distance)) + 1
+        assert len(probed) == len(set(probed))  # no rung probed twice
+    probed.clear()
+    Args.guess = "13"
+    transformer.bisect(Args, ["plain"])
+    assert probed == [13, 14]
+    Args.guess, Args.max_rung = "0", 10  # everything fits up to the top
+    assert transformer.bisect(Args, ["plain"])["plain"]["largest_rung"] == 10
+    assert transformer.ladder(4) == {"layers": 24, "hidden": 1024, "heads": 16}
+
+
+@script_smoke_on("torch")
+def test_lm_lora_sam_example_smoke():
+    pytest.importorskip("keras_hub", exc_type=ImportError)
+    out = _run_script(
+        os.path.join(ROOT, "examples", "lm_lora_sam.py"),
+        *("--pretrain-steps", "20", "--steps", "10", "--seq", "32"),
+    )
+    losses = {
+        name: (float(before), float(after))
+        for name, before, after in re.findall(
+            r"(plain|sam) \+ LoRA .*validation loss ([\d.]+) -> ([\d.]+)",
+            out,
+        )
+    }
+    assert set(losses) == {"plain", "sam"}, out
+    assert losses["plain"][0] == losses["sam"][0]  # from the same weights
+    for before, after in losses.values():
+        assert np.isfinite(after) and after < np.log(257)
