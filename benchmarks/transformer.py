@@ -311,25 +311,21 @@ def run_one(method, cfg, args):
         backbone.enable_lora(args.rank)
     model = compile_method(method, model, cfg["lr"], args.rho)
     b, parts = cfg["batch"], fit_parts(steps, cfg["warmup"])
+    # Too few steps to split: one fit, timed per step after the warmup.
+    timed = 0 if parts is None else 1
     timer = step_timer(cfg["warmup"] if parts is None else 0)
-    async_ms = None
-    t0 = time.perf_counter()
-    if parts is None:  # too few steps to split: one fit, timed per step
+    seconds, start, t0 = [], 0, time.perf_counter()
+    for i, n in enumerate(parts or [steps]):
+        chunk = slice(start * b, (start + n) * b)
+        start += n
+        t = time.perf_counter()
         model.fit(
-            x, y, batch_size=b, epochs=1, shuffle=False, verbose=0,
-            callbacks=[timer],
+            x[chunk], y[chunk], batch_size=b, epochs=1, shuffle=False,
+            verbose=0, callbacks=[timer] if i == timed else [],
         )  # fmt: skip
-    else:
-        seconds, start = [], 0
-        for i, n in enumerate(parts):
-            chunk = slice(start * b, (start + n) * b)
-            start += n
-            t = time.perf_counter()
-            model.fit(
-                x[chunk], y[chunk], batch_size=b, epochs=1, shuffle=False,
-                verbose=0, callbacks=[timer] if i == 1 else [],
-            )  # fmt: skip
-            seconds.append(time.perf_counter() - t)
+        seconds.append(time.perf_counter() - t)
+    async_ms = None
+    if parts is not None:
         async_ms = 1e3 * (seconds[3] - seconds[2]) / (parts[3] - parts[2])
     fit_s = time.perf_counter() - t0
     result = {
